@@ -1,0 +1,26 @@
+// Batched log-domain Sinkhorn on the CPU.
+#pragma once
+
+#include <cstdint>
+
+namespace eotfast::cpu {
+
+// Solves `batch` independent entropic OT problems.
+//
+// cost            [batch, n, m]  row-major, finite
+// a, b            [batch, n], [batch, m]  nonnegative marginals of equal mass
+// eps             [batch]  absolute entropic regularization, > 0
+// f, g            [batch, n], [batch, m]  out: dual potentials in cost units
+// n_iter          [batch]  out: iterations done (one g update + one f update each)
+// marginal_error  [batch]  out: || P^T 1 - b ||_2 of the returned plan (its rows are exact)
+//
+// Each problem stops on its own once its marginal error is below `tol` (checked every
+// iteration at no extra cost: the error falls out of the next g update's log-sum-exp), or
+// after max_iter iterations. Work is split over `num_threads` threads: over problems when the
+// batch is at least the thread count, otherwise over the rows and columns of each problem.
+template <class T>
+void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* g,
+                  int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n, int64_t m,
+                  int64_t max_iter, double tol, int num_threads);
+
+}  // namespace eotfast::cpu

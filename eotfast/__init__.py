@@ -1,0 +1,27 @@
+"""eotfast: fast, trustworthy mini-batch optimal-transport pairing for PyTorch.
+
+>>> import torch, eotfast
+>>> x, y = torch.randn(256, 3072), torch.randn(256, 3072)
+>>> j = eotfast.pair(x, y)            # (x[i], y[j[i]]) are the OT pairs
+>>> result = eotfast.sinkhorn(eotfast.cost_matrix(x, y))
+"""
+
+from eotfast._backends import available_backends, cpu_extension_available
+from eotfast.cost import cost_matrix
+from eotfast.exact import assignment, emd
+from eotfast.pairing import pair
+from eotfast.sinkhorn import SinkhornResult, epsilon_from_reg, sinkhorn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "assignment",
+    "available_backends",
+    "cost_matrix",
+    "cpu_extension_available",
+    "emd",
+    "epsilon_from_reg",
+    "pair",
+    "sinkhorn",
+    "SinkhornResult",
+]

@@ -1,0 +1,90 @@
+"""Argument checks shared by the public functions.
+
+Checks of shapes, dtypes and devices look only at metadata and run everywhere, compiled code
+included. Checks of values (NaN, inf, negative mass) must read the data: they run for CPU
+tensors, where reading costs no device synchronization, and are skipped for GPU tensors so
+that the pairing path never waits on the device (a NaN there shows up as a NaN
+``marginal_error``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_same_device",
+    "check_positive",
+    "check_finite_values",
+    "check_marginal_values",
+    "values_checkable",
+]
+
+
+def check_tensor(name: str, value, *, min_dim: int, floating: bool = True) -> torch.Tensor:
+    """Type, dtype and rank of one tensor argument; empty dimensions are rejected."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(value.shape)}"
+        )
+    if value.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors on one device, named in the error."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, tensor in named[1:]:
+        if tensor.device != first.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but {first_name} is on {first.device}; "
+                "move them to one device"
+            )
+
+
+def check_positive(name: str, value) -> float:
+    """A finite, strictly positive Python number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def values_checkable(tensor: torch.Tensor) -> bool:
+    """True where reading values costs no device sync and no graph break."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_finite_values(name: str, tensor: torch.Tensor) -> None:
+    if values_checkable(tensor) and not bool(torch.isfinite(tensor).all()):
+        bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+        raise ValueError(f"{name} contains {bad}; every entry must be finite")
+
+
+def check_marginal_values(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5) -> None:
+    """Nonnegative, finite marginals with positive and equal total mass per problem."""
+    for name, marginal in (("a", a), ("b", b)):
+        check_finite_values(name, marginal)
+        if values_checkable(marginal):
+            if bool((marginal < 0).any()):
+                raise ValueError(f"{name} must be nonnegative")
+            if bool((marginal.sum(-1) <= 0).any()):
+                raise ValueError(f"{name} must have positive total mass")
+    if values_checkable(a) and values_checkable(b):
+        mass_a = a.sum(-1, dtype=torch.float64)
+        mass_b = b.sum(-1, dtype=torch.float64)
+        if not bool(torch.isclose(mass_a, mass_b, rtol=rtol, atol=0).all()):
+            worst = (mass_a - mass_b).abs().argmax()
+            raise ValueError(
+                "a and b must have the same total mass per problem, got "
+                f"{float(mass_a.flatten()[worst]):.8g} and {float(mass_b.flatten()[worst]):.8g}"
+            )

@@ -1,0 +1,132 @@
+"""pair(x, y): mini-batch OT pairing of a source batch with a target batch."""
+
+from __future__ import annotations
+
+import torch
+
+from eotfast._validation import check_finite_values, check_same_device, check_tensor
+from eotfast.cost import cost_matrix
+from eotfast.exact import assignment, emd
+from eotfast.sinkhorn import sinkhorn
+
+__all__ = ["pair", "PAIR_METHODS", "SAMPLING_MODES"]
+
+PAIR_METHODS = ("sinkhorn", "exact", "emd", "random")
+SAMPLING_MODES = ("sample", "argmax")
+
+
+def _draw_from_rows(
+    log_weights: torch.Tensor, sampling: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One column per row of [..., n, m] unnormalized log-weights: drawn with probability
+    proportional to exp(log_weights) ("sample", by the Gumbel-max trick: argmax of
+    log_weights + Gumbel noise), or the most likely one ("argmax")."""
+    if sampling == "argmax":
+        return log_weights.argmax(dim=-1)
+    uniform = torch.rand(
+        log_weights.shape, generator=generator, dtype=log_weights.dtype, device=log_weights.device
+    )
+    # Clamp keeps log(0) out: the smallest normal float still yields a finite Gumbel draw.
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    return (log_weights + gumbel).argmax(dim=-1)
+
+
+def _random_pairing(
+    batch_shape: torch.Size, n: int, m: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Uniformly random partners: distinct targets when n <= m (a random injection)."""
+    if n <= m:
+        keys = torch.rand((*batch_shape, m), generator=generator, device=device)
+        return keys.argsort(dim=-1)[..., :n]
+    return torch.randint(m, (*batch_shape, n), generator=generator, device=device)
+
+
+def pair(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    method: str = "sinkhorn",
+    *,
+    reg: float = 0.05,
+    relative_reg: bool = True,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    sampling: str = "sample",
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Pairs each source sample with a target sample by mini-batch optimal transport.
+
+    The cost is the squared Euclidean distance (:func:`eotfast.cost_matrix`) of the flattened
+    samples. Returns ``j`` such that ``(x[..., i, :], y[..., j[..., i], :])`` are the pairs.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., n, d)
+        Source batch; leading dimensions index independent problems. Flatten images first
+        (``x.flatten(-3)``).
+    y : Tensor, shape (..., m, d)
+        Target batch, same leading dimensions, dtype and device.
+    method : {"sinkhorn", "exact", "emd", "random"}
+        "sinkhorn": entropic plan by :func:`eotfast.sinkhorn`, one target per row drawn from
+        the plan's row (or its argmax); stays on the device, no host sync.
+        "exact": optimal assignment (:func:`eotfast.assignment`, needs n <= m): distinct
+        targets, the minimal total cost. "emd": POT's exact plan (:func:`eotfast.emd`), then
+        drawn from its rows like "sinkhorn". Both exact methods solve on the host.
+        "random": uniformly random partners (distinct when n <= m), the baseline.
+    reg, relative_reg, max_iter, tol, backend
+        Passed to :func:`eotfast.sinkhorn` (method "sinkhorn" only).
+    sampling : {"sample", "argmax"}
+        How a target is taken from a plan row: drawn with the row's probabilities (the
+        default: pairs follow the plan, as in OT conditional flow matching), or the row's most
+        likely target (several rows may then share a target).
+    generator : torch.Generator, optional
+        Source of randomness for "sample" and "random", on x's device; fixes the pairs for a
+        fixed seed. Leave None inside torch.compile.
+
+    Returns
+    -------
+    Tensor, shape (..., n), int64
+        Target index for each source sample, on x's device.
+
+    Examples
+    --------
+    >>> x0, x1 = torch.randn(64, 3 * 32 * 32), torch.randn(64, 3 * 32 * 32)
+    >>> j = pair(x0, x1)
+    >>> pairs = (x0, x1[j])
+    """
+    check_tensor("x", x, min_dim=2)
+    check_tensor("y", y, min_dim=2)
+    check_same_device(x=x, y=y)
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if x.shape[:-2] != y.shape[:-2]:
+        raise ValueError(
+            f"x and y must have the same leading (batch) dimensions, got x.shape="
+            f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
+        )
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
+            f"and y.shape={tuple(y.shape)}"
+        )
+    check_finite_values("x", x)
+    check_finite_values("y", y)
+    batch_shape, n, m = x.shape[:-2], x.shape[-2], y.shape[-2]
+
+    if method == "random":
+        return _random_pairing(batch_shape, n, m, x.device, generator)
+
+    cost = cost_matrix(x, y)  # [..., n, m]
+    if method == "exact":
+        return assignment(cost)
+    if method == "emd":
+        return _draw_from_rows(emd(cost).log(), sampling, generator)
+
+    result = sinkhorn(
+        cost, reg=reg, relative_reg=relative_reg, max_iter=max_iter, tol=tol, backend=backend
+    )
+    # Row i of the plan is proportional to exp((g_j - C_ij) / eps): f_i is constant on the row.
+    log_weights = (result.g[..., None, :] - cost) / result.epsilon[..., None, None]
+    return _draw_from_rows(log_weights, sampling, generator)
