@@ -7,7 +7,7 @@ import torch
 from eotfast._validation import check_finite_values, check_same_device, check_tensor
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
-from eotfast.sinkhorn import sinkhorn
+from eotfast.sinkhorn import _sinkhorn_on_shifted_cost
 
 __all__ = ["pair", "PAIR_METHODS", "SAMPLING_MODES"]
 
@@ -124,9 +124,10 @@ def pair(
     if method == "emd":
         return _draw_from_rows(emd(cost).log(), sampling, generator)
 
-    result = sinkhorn(
-        cost, reg=reg, relative_reg=relative_reg, max_iter=max_iter, tol=tol, backend=backend
+    # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
+    result, shifted_cost, _ = _sinkhorn_on_shifted_cost(
+        cost, None, None, reg, relative_reg, max_iter, tol, backend
     )
     # Row i of the plan is proportional to exp((g_j - C_ij) / eps): f_i is constant on the row.
-    log_weights = (result.g[..., None, :] - cost) / result.epsilon[..., None, None]
+    log_weights = (result.g[..., None, :] - shifted_cost) / result.epsilon[..., None, None]
     return _draw_from_rows(log_weights, sampling, generator)

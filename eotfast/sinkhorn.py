@@ -232,6 +232,19 @@ def sinkhorn(
         Potentials f [..., n] and g [..., m], the epsilon used, iterations done and the
         marginal error reached, per problem. ``result.plan(cost)`` gives the plan.
     """
+    result, _, offset = _sinkhorn_on_shifted_cost(
+        cost, a, b, reg, relative_reg, max_iter, tol, backend
+    )
+    return result._replace(g=result.g + offset[..., None])
+
+
+def _sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backend):
+    """Solves on cost - min(cost) per problem; returns (result for the shifted cost, shifted
+    cost, offset). The shift leaves the plan and f unchanged and lowers g by the offset
+    (iterate by iterate, so POT's sequence is kept). It matters in float32: image costs sit
+    around 2000, where a float32 step is 1.2e-4, so potentials of that size hold the marginal
+    error above ~1e-4 at epsilon = 1e-3 * std; shifted, the potentials are ~20x smaller and the
+    error goes below 1e-5 (measured, d = 3072, n = 64)."""
     check_tensor("cost", cost, min_dim=2)
     reg = check_positive("reg", reg)
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -245,13 +258,16 @@ def sinkhorn(
     a = _broadcast_marginal("a", a, batch_shape, n, cost)  # [B, n]
     b = _broadcast_marginal("b", b, batch_shape, m, cost)  # [B, m]
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
+    offset = cost.amin(dim=(-2, -1))  # [...]
+    shifted_cost = cost - offset[..., None, None]  # [..., n, m]
     f, g, n_iter, error = _SOLVER_OPS[backend](
-        cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol)
+        shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol)
     )
-    return SinkhornResult(
+    result = SinkhornResult(
         f=f.reshape(*batch_shape, n),
         g=g.reshape(*batch_shape, m),
         epsilon=epsilon,
         n_iter=n_iter.reshape(batch_shape),
         marginal_error=error.reshape(batch_shape),
     )
+    return result, shifted_cost, offset
