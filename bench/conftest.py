@@ -1,0 +1,1 @@
+# The benchmarks import the installed eotfast (pytest runs with --import-mode=importlib).
