@@ -8,9 +8,9 @@
 // marginal error (the stopping test) and the g update through potential_update_from_mass.
 // A column whose mass underflows (every term below the float range) takes the exact column
 // log-sum-exp instead, so small epsilon never turns into inf or a uniform plan.
-// Measured on the 2-core dev machine (n = m = 1024, float32, 1 thread): 1.15 ns per cost entry
-// per half-iteration for the two-sweep form (a row sweep for f, a transposed sweep for g),
-// against one sweep here.
+// Measured on the 2-core dev machine (n = m = 1024, float32, 1 thread): the two-sweep form (a
+// row sweep for f, a sweep over a transposed copy for g) took 2.3 ns per cost entry per
+// iteration; this one takes 1.27 ns (0.92 ns with the degree-5 exp of sinkhorn_math.h).
 #include "sinkhorn_cpu.h"
 
 #include <algorithm>
@@ -37,7 +37,9 @@ namespace {
 #endif
 
 // Below this many cost entries per thread, starting threads and meeting at two barriers per
-// iteration costs more than the parallel sweep saves.
+// iteration costs more than the parallel sweep saves. Measured on the 2-core dev machine, 50
+// iterations, 1 vs 2 threads: n = 128 (16k entries) 1.0 vs 1.5 ms, n = 181 (33k) 2.1 vs 2.3 ms,
+// n = 256 (65k) 2.8 vs 1.6 ms.
 constexpr int64_t kMinEntriesPerThread = int64_t{1} << 15;
 // Spins before a waiting thread yields its core: a barrier is normally reached within
 // microseconds, but yielding keeps an oversubscribed machine from stalling.
