@@ -113,6 +113,7 @@ def pair(
         )
     check_finite_values("x", x)
     check_finite_values("y", y)
+    x, y = x.detach(), y.detach()  # pairing picks indices: nothing to differentiate
     batch_shape, n, m = x.shape[:-2], x.shape[-2], y.shape[-2]
 
     if method == "random":

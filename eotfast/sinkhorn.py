@@ -230,7 +230,9 @@ def sinkhorn(
     -------
     SinkhornResult
         Potentials f [..., n] and g [..., m], the epsilon used, iterations done and the
-        marginal error reached, per problem. ``result.plan(cost)`` gives the plan.
+        marginal error reached, per problem. ``result.plan(cost)`` gives the plan. The solve
+        is not differentiable: outputs carry no gradient (``result.plan(cost)`` does carry
+        one through ``cost``, with the potentials held fixed).
     """
     result, _, offset = _sinkhorn_on_shifted_cost(
         cost, a, b, reg, relative_reg, max_iter, tol, backend
@@ -251,12 +253,15 @@ def _sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, back
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    # The solvers are not differentiable (no autograd formula is registered): work on detached
+    # inputs, so the outputs say so instead of failing in backward.
+    cost = cost.detach()
     if cost.dtype not in _SOLVER_DTYPES:
         cost = cost.float()
     backend = resolve_backend(backend, cost.device)
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
-    a = _broadcast_marginal("a", a, batch_shape, n, cost)  # [B, n]
-    b = _broadcast_marginal("b", b, batch_shape, m, cost)  # [B, m]
+    a = _broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
+    b = _broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
     offset = cost.amin(dim=(-2, -1))  # [...]
     shifted_cost = cost - offset[..., None, None]  # [..., n, m]

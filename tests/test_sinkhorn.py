@@ -119,3 +119,33 @@ def test_plan_of_half_precision_cost_is_float32(random_problem):
     cost, _, _ = random_problem((), 6, 4, dtype=torch.float32)
     result = eotfast.sinkhorn(cost.half())
     assert result.f.dtype == torch.float32
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch,n,m", [((), 300, 280), ((5,), 120, 150)])
+def test_cpu_backend_threads_split_rows_or_problems_without_changing_results(threads, batch, n, m):
+    # Large enough that the C++ side starts a thread team: rows and columns are split for one
+    # problem; whole problems go to threads for a batch. 3 threads on 2 cores also exercises
+    # uneven stripes and the barrier's yield.
+    cost = torch.rand(*batch, n, m, dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = eotfast.sinkhorn(cost, reg=0.05, tol=1e-9, backend="cpu")
+    finally:
+        torch.set_num_threads(previous)
+    flat = cost.reshape(-1, n, m)
+    for k in range(flat.shape[0]):
+        epsilon = ours.epsilon.reshape(-1)[k].item()
+        plan, f, g, log = pot_sinkhorn_log(flat[k], None, None, epsilon, stopThr=1e-12, numItermax=20000)
+        ours_plan = ours.plan(cost).reshape(-1, n, m)[k].numpy()
+        np.testing.assert_allclose(ours_plan, plan, rtol=1e-6, atol=1e-9 * plan.max())
+    assert (ours.marginal_error < 1e-9).all()
+
+
+def test_outputs_carry_no_gradient_but_the_plan_does():
+    cost = torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
+    result = eotfast.sinkhorn(cost)
+    assert not result.f.requires_grad and not result.g.requires_grad
+    result.plan(cost).sum().backward()
+    assert cost.grad is not None and torch.isfinite(cost.grad).all()
