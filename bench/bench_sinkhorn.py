@@ -47,7 +47,9 @@ def test_sinkhorn_eotfast(benchmark, problem, backend):
     cost, epsilon = problem
 
     def solve():
-        return eotfast.sinkhorn(cost, reg=epsilon, relative_reg=False, tol=TOL, max_iter=MAX_ITER, backend=backend)
+        return eotfast.sinkhorn(
+            cost, reg=epsilon, relative_reg=False, tol=TOL, max_iter=MAX_ITER, backend=backend
+        )
 
     rounds = 10 if backend == "cpu" else 2
     result = benchmark.pedantic(solve, rounds=rounds, iterations=1, warmup_rounds=1)
@@ -59,7 +61,9 @@ def test_sinkhorn_pot_torch(benchmark, problem):
     uniform = torch.full((N,), 1 / N)
 
     def solve():
-        return ot.bregman.sinkhorn_log(uniform, uniform, cost, epsilon, numItermax=MAX_ITER, stopThr=TOL, log=True)
+        return ot.bregman.sinkhorn_log(
+            uniform, uniform, cost, epsilon, numItermax=MAX_ITER, stopThr=TOL, log=True
+        )
 
     plan, log = benchmark.pedantic(solve, rounds=3, iterations=1, warmup_rounds=1)
     record(benchmark, plan.double().numpy(), log["niter"])
@@ -71,7 +75,9 @@ def test_sinkhorn_pot_numpy(benchmark, problem):
     cost_np = cost.double().numpy()  # POT's numpy backend works in float64
 
     def solve():
-        return ot.bregman.sinkhorn_log(uniform, uniform, cost_np, epsilon, numItermax=MAX_ITER, stopThr=TOL, log=True)
+        return ot.bregman.sinkhorn_log(
+            uniform, uniform, cost_np, epsilon, numItermax=MAX_ITER, stopThr=TOL, log=True
+        )
 
     plan, log = benchmark.pedantic(solve, rounds=1, iterations=1)
     record(benchmark, plan, log["niter"])

@@ -24,8 +24,11 @@ def emd_op(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_iter: int) 
     """Exact plans of [B, n, m] problems by ``ot.emd``, one problem after another."""
     check_finite_values("cost", cost)
     check_marginal_values(a, b)
-    # host round trip (documented): POT's network simplex runs on host float64 arrays.
-    cost_host, a_host, b_host = (t.detach().to("cpu", torch.float64).numpy() for t in (cost, a, b))  # host
+    # POT's network simplex runs on host float64 arrays: the documented host round trip.
+    cost_host, a_host, b_host = (
+        t.detach().to("cpu", torch.float64).numpy()  # host round trip (documented)
+        for t in (cost, a, b)
+    )
     plans = np.empty_like(cost_host)
     for k in range(cost_host.shape[0]):
         # ot.emd wants marginals of exactly equal mass; rescale b to a's float64 sum.

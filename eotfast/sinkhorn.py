@@ -27,11 +27,11 @@ class SinkhornResult(NamedTuple):
     rebuild it from the potentials.
     """
 
-    f: torch.Tensor  #              [..., n]  row (source) potential, in cost units
-    g: torch.Tensor  #              [..., m]  column (target) potential, in cost units
-    epsilon: torch.Tensor  #        [...]     absolute regularization used (reg * std(cost) by default)
-    n_iter: torch.Tensor  #         [...]     int64, iterations done (g update + f update each)
-    marginal_error: torch.Tensor  # [...]     ||P^T 1 - b||_2 of the returned plan; its rows are exact
+    f: torch.Tensor  # [..., n] row (source) potential, in cost units
+    g: torch.Tensor  # [..., m] column (target) potential, in cost units
+    epsilon: torch.Tensor  # [...] absolute regularization used (reg * std(cost) by default)
+    n_iter: torch.Tensor  # [...] int64, iterations done (g update + f update each)
+    marginal_error: torch.Tensor  # [...] ||P^T 1 - b||_2 of the returned plan (rows exact)
 
     def log_plan(self, cost: torch.Tensor) -> torch.Tensor:
         """log P = (f_i + g_j - C_ij) / epsilon, shape [..., n, m]."""

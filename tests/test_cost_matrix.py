@@ -13,7 +13,9 @@ COST_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, tor
 
 
 @pytest.mark.parametrize("dtype", list(COST_RTOL))
-@pytest.mark.parametrize("batch,n,m,d", [((), 7, 5, 3), ((), 33, 65, 3072), ((3,), 17, 9, 129), ((2, 2), 4, 6, 10)])
+@pytest.mark.parametrize(
+    "batch,n,m,d", [((), 7, 5, 3), ((), 33, 65, 3072), ((3,), 17, 9, 129), ((2, 2), 4, 6, 10)]
+)
 def test_cost_matrix_matches_pot_dist(dtype, batch, n, m, d):
     x = torch.rand(*batch, n, d, dtype=torch.float64) * 2 - 1
     y = torch.rand(*batch, m, d, dtype=torch.float64) * 2 - 1
@@ -24,7 +26,9 @@ def test_cost_matrix_matches_pot_dist(dtype, batch, n, m, d):
     for k in range(xs.shape[0]):
         expected = ot.dist(xs[k].numpy(), ys[k].numpy())
         atol = COST_RTOL[dtype] * expected.max()
-        np.testing.assert_allclose(cost.reshape(-1, n, m)[k].double().numpy(), expected, atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            cost.reshape(-1, n, m)[k].double().numpy(), expected, atol=atol, rtol=0
+        )
 
 
 def test_cost_matrix_is_zero_on_identical_points_and_never_negative():

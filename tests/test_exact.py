@@ -9,7 +9,9 @@ import torch
 import eotfast
 
 
-@pytest.mark.parametrize("batch,n,m,uniform", [((), 20, 20, True), ((), 15, 25, False), ((3,), 10, 7, False)])
+@pytest.mark.parametrize(
+    "batch,n,m,uniform", [((), 20, 20, True), ((), 15, 25, False), ((3,), 10, 7, False)]
+)
 def test_emd_reaches_pot_optimal_cost(random_problem, batch, n, m, uniform):
     cost, a, b = random_problem(batch, n, m, dtype=torch.float64, uniform=uniform)
     plan = eotfast.emd(cost, a, b)

@@ -16,7 +16,10 @@ epsilon = torch.full((2,), 0.1)
     [
         (torch.ops.eotfast.sinkhorn_torch.default, (cost, a, b, epsilon, 50, 1e-6)),
         (torch.ops.eotfast.sinkhorn_cpu.default, (cost, a, b, epsilon, 50, 1e-6)),
-        (torch.ops.eotfast.sinkhorn_cpu.default, (cost.double(), a.double(), b.double(), epsilon.double(), 50, 0.0)),
+        (
+            torch.ops.eotfast.sinkhorn_cpu.default,
+            (cost.double(), a.double(), b.double(), epsilon.double(), 50, 0.0),
+        ),
         (torch.ops.eotfast.emd.default, (cost.double(), a.double(), b.double(), 100_000)),
         (torch.ops.eotfast.assignment.default, (cost.mT.contiguous(),)),
     ],

@@ -22,7 +22,10 @@ def gap_closed(cost, columns):
 def test_default_sinkhorn_pairs_close_95_percent_of_the_gap(clustered_domains):
     x, y = clustered_domains(n=256, d=3072)
     cost = eotfast.cost_matrix(x, y)
-    closed = [gap_closed(cost, eotfast.pair(x, y, generator=torch.Generator().manual_seed(s))) for s in range(3)]
+    closed = [
+        gap_closed(cost, eotfast.pair(x, y, generator=torch.Generator().manual_seed(s)))
+        for s in range(3)
+    ]
     assert min(closed) >= 0.95
 
 
@@ -63,7 +66,9 @@ def test_sampled_pair_frequencies_follow_the_plan(backend):
         x.expand(draws, n, d), y.expand(draws, m, d), reg=0.5, tol=1e-12,
         generator=torch.Generator().manual_seed(0), backend=backend,
     )  # fmt: skip
-    frequencies = torch.stack([torch.bincount(columns[:, i], minlength=m) for i in range(n)]) / draws
+    frequencies = (
+        torch.stack([torch.bincount(columns[:, i], minlength=m) for i in range(n)]) / draws
+    )
     total_variation = 0.5 * (frequencies - row_distribution).abs().sum(1)
     assert total_variation.max() < 0.02  # sampling noise at 20000 draws is ~0.01
     assert row_distribution.max(1).values.min() < 0.9  # the plan is not concentrated
@@ -71,7 +76,9 @@ def test_sampled_pair_frequencies_follow_the_plan(backend):
 
 def test_fixed_generator_seed_reproduces_pairs(clustered_domains):
     x, y = clustered_domains(n=64, d=100)
-    first, second, other = (eotfast.pair(x, y, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    first, second, other = (
+        eotfast.pair(x, y, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)
+    )
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
 

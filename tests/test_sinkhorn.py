@@ -43,12 +43,20 @@ def test_fixed_iterations_match_pot(
         assert result.epsilon.reshape(-1)[k].item() == pytest.approx(float(epsilon), rel=1e-5)
         a_k = None if a is None else a.reshape(-1, n)[k]
         b_k = None if b is None else b.reshape(-1, m)[k]
-        plan, f, g, _ = pot_sinkhorn_log(cost_flat[k], a_k, b_k, float(epsilon), numItermax=iters, stopThr=0)
+        plan, f, g, _ = pot_sinkhorn_log(
+            cost_flat[k], a_k, b_k, float(epsilon), numItermax=iters, stopThr=0
+        )
         atol = POTENTIAL_ATOL[dtype] * cost_flat[k].abs().max().item()
-        np.testing.assert_allclose(result.f.reshape(-1, n)[k].double().numpy(), f, atol=atol, rtol=0)
-        np.testing.assert_allclose(result.g.reshape(-1, m)[k].double().numpy(), g, atol=atol, rtol=0)
+        np.testing.assert_allclose(
+            result.f.reshape(-1, n)[k].double().numpy(), f, atol=atol, rtol=0
+        )
+        np.testing.assert_allclose(
+            result.g.reshape(-1, m)[k].double().numpy(), g, atol=atol, rtol=0
+        )
         ours = result.plan(cost).reshape(-1, n, m)[k].double().numpy()
-        np.testing.assert_allclose(ours, plan, atol=1e-3 / (n * m) if dtype == torch.float32 else 1e-12)
+        np.testing.assert_allclose(
+            ours, plan, atol=1e-3 / (n * m) if dtype == torch.float32 else 1e-12
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -63,7 +71,9 @@ def test_converged_plan_matches_pot_and_reports_its_error(backend, random_proble
     column_error = np.linalg.norm(plan.sum(0) - b.double().numpy())
     assert result.marginal_error.item() < tol
     assert result.marginal_error.item() == pytest.approx(column_error, rel=0.05, abs=1e-7)
-    np.testing.assert_allclose(plan.sum(1), a.double().numpy(), atol=1e-12 if dtype == torch.float64 else 1e-6)
+    np.testing.assert_allclose(
+        plan.sum(1), a.double().numpy(), atol=1e-12 if dtype == torch.float64 else 1e-6
+    )
 
 
 def test_backends_agree_on_batched_float32(random_problem):
@@ -81,13 +91,17 @@ def test_each_problem_stops_on_its_own(backend, random_problem):
     cost, _, _ = random_problem((), 30, 30, dtype=torch.float64)
     batch = torch.stack([cost, 3 * cost])
     tol = 1e-6
-    result = eotfast.sinkhorn(batch, reg=0.05, relative_reg=False, tol=tol, max_iter=5000, backend=backend)
+    result = eotfast.sinkhorn(
+        batch, reg=0.05, relative_reg=False, tol=tol, max_iter=5000, backend=backend
+    )
     easy_iters, hard_iters = result.n_iter.tolist()
     assert easy_iters < hard_iters < 5000
     assert (result.marginal_error < tol).all()
     # Stopping one problem must not disturb the other: each equals its solve alone.
     for k in range(2):
-        alone = eotfast.sinkhorn(batch[k], reg=0.05, relative_reg=False, tol=tol, max_iter=5000, backend=backend)
+        alone = eotfast.sinkhorn(
+            batch[k], reg=0.05, relative_reg=False, tol=tol, max_iter=5000, backend=backend
+        )
         assert alone.n_iter.item() == result.n_iter[k].item()
         torch.testing.assert_close(alone.f, result.f[k], atol=1e-12, rtol=0)
 
@@ -137,7 +151,9 @@ def test_cpu_backend_threads_split_rows_or_problems_without_changing_results(thr
     flat = cost.reshape(-1, n, m)
     for k in range(flat.shape[0]):
         epsilon = ours.epsilon.reshape(-1)[k].item()
-        plan, f, g, log = pot_sinkhorn_log(flat[k], None, None, epsilon, stopThr=1e-12, numItermax=20000)
+        plan, f, g, log = pot_sinkhorn_log(
+            flat[k], None, None, epsilon, stopThr=1e-12, numItermax=20000
+        )
         ours_plan = ours.plan(cost).reshape(-1, n, m)[k].numpy()
         np.testing.assert_allclose(ours_plan, plan, rtol=1e-6, atol=1e-9 * plan.max())
     assert (ours.marginal_error < 1e-9).all()
