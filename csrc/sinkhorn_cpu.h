@@ -15,8 +15,8 @@ namespace eotfast::cpu {
 // marginal_error  [batch]  out: || P^T 1 - b ||_2 of the returned plan (its rows are exact)
 //
 // Each problem stops on its own once its marginal error is below `tol` (checked every
-// iteration at no extra cost: the error falls out of the next g update's log-sum-exp), or
-// after max_iter iterations. Work is split over `num_threads` threads: over problems when the
+// iteration at no extra cost: the column masses it needs are summed during the f update's
+// sweep), or after max_iter iterations. Work is split over `num_threads` threads: over problems when the
 // batch is at least the thread count, otherwise over the rows and columns of each problem.
 template <class T>
 void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* g,
