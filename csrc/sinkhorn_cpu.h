@@ -16,8 +16,9 @@ namespace eotfast::cpu {
 //
 // Each problem stops on its own once its marginal error is below `tol` (checked every
 // iteration at no extra cost: the column masses it needs are summed during the f update's
-// sweep), or after max_iter iterations. Work is split over `num_threads` threads: over problems when the
-// batch is at least the thread count, otherwise over the rows and columns of each problem.
+// sweep), or after max_iter iterations. Work is split over `num_threads` threads: over
+// problems when the batch is at least the thread count, otherwise over the rows and columns
+// of each problem.
 template <class T>
 void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* g,
                   int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n, int64_t m,

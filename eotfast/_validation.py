@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "check_tensor",
+    "check_point_batches",
     "check_same_device",
     "check_positive",
     "check_finite_values",
@@ -36,6 +37,19 @@ def check_tensor(name: str, value, *, min_dim: int, floating: bool = True) -> to
     if value.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
     return value
+
+
+def check_point_batches(x, y) -> None:
+    """Two batches of points x [..., n, d] and y [..., m, d]: float tensors on one device with
+    the same feature dimension d."""
+    check_tensor("x", x, min_dim=2)
+    check_tensor("y", y, min_dim=2)
+    check_same_device(x=x, y=y)
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
+            f"and y.shape={tuple(y.shape)}"
+        )
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

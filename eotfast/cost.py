@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_same_device, check_tensor
+from eotfast._validation import check_point_batches
 
 __all__ = ["cost_matrix"]
 
@@ -31,14 +31,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         float32 for half-precision inputs (their squared norms lose too many digits at image
         dimensions, d >= 3072), else the inputs' dtype.
     """
-    check_tensor("x", x, min_dim=2)
-    check_tensor("y", y, min_dim=2)
-    check_same_device(x=x, y=y)
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
-            f"and y.shape={tuple(y.shape)}"
-        )
+    check_point_batches(x, y)
     if x.dtype != y.dtype:
         raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
     if x.dtype in (torch.float16, torch.bfloat16):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_finite_values, check_same_device, check_tensor
+from eotfast._validation import check_finite_values, check_point_batches
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
 from eotfast.sinkhorn import _sinkhorn_on_shifted_cost
@@ -94,9 +94,7 @@ def pair(
     >>> j = pair(x0, x1)
     >>> pairs = (x0, x1[j])
     """
-    check_tensor("x", x, min_dim=2)
-    check_tensor("y", y, min_dim=2)
-    check_same_device(x=x, y=y)
+    check_point_batches(x, y)
     if method not in PAIR_METHODS:
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
     if sampling not in SAMPLING_MODES:
@@ -105,11 +103,6 @@ def pair(
         raise ValueError(
             f"x and y must have the same leading (batch) dimensions, got x.shape="
             f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
-        )
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
-            f"and y.shape={tuple(y.shape)}"
         )
     check_finite_values("x", x)
     check_finite_values("y", y)
