@@ -1,5 +1,11 @@
 """Triton kernels of eotfast, shipped as ``eotfast.kernels``.
 
-The kernels themselves land with the Triton backend; this package exists now so the wheel
-layout (kernels/ installed as eotfast.kernels) is fixed and tested from the start.
+- ``cost_matrix``: batched squared Euclidean distances on ``tl.dot`` tiles.
+- ``sinkhorn``: log-domain Sinkhorn, a single-launch persistent path and a tiled path, both
+  stopping each problem on the device.
+- ``pair_sampling``: one partner per plan row (Gumbel-max or argmax) without forming the plan.
+
+They are registered as torch ops in ``eotfast._triton_ops`` and reached through the public
+functions with ``backend="triton"``. Importing a module here imports triton: set
+``TRITON_INTERPRET=1`` before that to run the kernels on CPU tensors.
 """

@@ -1,0 +1,81 @@
+"""Triton kernel: batched squared Euclidean cost matrix ||x_i - y_j||^2 on tensor-core tiles.
+
+Reference: :func:`eotfast.cost.cost_matrix` (torch, GEMM form) and POT's ``ot.dist``; test:
+tests/test_triton.py::test_cost_matrix_triton; bench: bench/bench_cost_matrix.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from eotfast.kernels._launch import launch
+
+
+@triton.jit
+def cost_matrix_kernel(
+    x_ptr, y_ptr, out_ptr,            # [B, n, d], [B, m, d] inputs; [B, n, m] float32 output
+    n, m, d,
+    stride_xb, stride_xn, stride_yb, stride_ym,  # the feature dimension is contiguous
+    stride_ob, stride_on,             # the output's column dimension is contiguous
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,    # "ieee" for float32: TF32 would lose the small
+                                      # differences of large norms (C = |x|^2 + |y|^2 - 2 x.y)
+):  # fmt: skip
+    pid_n, pid_m, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask, col_mask = rows < n, cols < m
+    x_base = x_ptr + batch * stride_xb + rows[:, None].to(tl.int64) * stride_xn
+    y_base = y_ptr + batch * stride_yb + cols[:, None].to(tl.int64) * stride_ym
+
+    dot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    y_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_mask = ks < d
+        x = tl.load(x_base + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        y = tl.load(y_base + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        dot = tl.dot(x, tl.trans(y), dot, input_precision=INPUT_PRECISION)  # fp32 accumulation
+        x32, y32 = x.to(tl.float32), y.to(tl.float32)
+        x_sq += tl.sum(x32 * x32, axis=1)
+        y_sq += tl.sum(y32 * y32, axis=1)
+    # Rounding can take the GEMM form slightly below zero for near-identical points.
+    cost = tl.maximum(x_sq[:, None] + y_sq[None, :] - 2.0 * dot, 0.0)
+    out = out_ptr + batch * stride_ob + rows[:, None].to(tl.int64) * stride_on + cols[None, :]
+    tl.store(out, cost, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def cost_matrix_triton(
+    x: torch.Tensor, y: torch.Tensor, *, block_n: int = 64, block_m: int = 64, block_d: int = 32
+) -> torch.Tensor:
+    """[B, n, d] x [B, m, d] (float32, float16 or bfloat16) -> [B, n, m] float32."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # Triton's interpreter (CPU tensors) reads bfloat16 as zeros (numpy has no bfloat16);
+        # bfloat16 -> float32 is exact, so the result is the same. GPUs take bfloat16 as is.
+        x, y = x.float(), y.float()
+    x, y = x.contiguous(), y.contiguous()
+    batch, n, d = x.shape
+    m = y.shape[1]
+    out = torch.empty((batch, n, m), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), batch)
+    launch(cost_matrix_kernel, grid)(
+        x,
+        y,
+        out,
+        n,
+        m,
+        d,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out

@@ -1,0 +1,80 @@
+"""Triton kernel: one partner per row drawn from a Sinkhorn plan, without forming the plan.
+
+Row i of the plan is proportional to exp((g_j - C_ij) / eps) (f_i is constant on a row), so
+a draw is the Gumbel-max argmax_j (g_j - C_ij) / eps - log(-log U_ij), and the most likely
+partner the same argmax without noise. The kernel streams the row's cost tiles once and keeps
+a running (max, argmax): no [n, m] buffer of weights or noise, unlike the torch path.
+
+Uniforms come from Philox (``tl.rand``) keyed by a seed read from device memory, so a
+``torch.Generator`` fixes the draws without the host reading anything.
+
+Reference: the Gumbel-max draw in :func:`eotfast.pairing.pair`; test:
+tests/test_triton.py::test_pair_sample_triton_*; bench: bench/bench_pair.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from eotfast.kernels._launch import launch
+
+
+@triton.jit
+def pair_sample_kernel(
+    cost_ptr, g_ptr, eps_ptr, seed_ptr, out_ptr,   # [B, n, m], [B, m], [B], [1] int64, [B, n]
+    n, m,
+    SAMPLE: tl.constexpr,                          # Gumbel-max draw, else the row's argmax
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    problem = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n
+    inv_eps = 1.0 / tl.load(eps_ptr + problem).to(tl.float32)
+    cost_ptr += problem * n * m
+    g_ptr += problem * m
+    # Philox key per problem, counter per (row, column): independent draws everywhere.
+    seed = tl.load(seed_ptr) + problem
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_N,), tl.int32)
+    for j0 in range(0, m, BLOCK_M):
+        cols = j0 + tl.arange(0, BLOCK_M)
+        col_mask = cols < m
+        mask = row_mask[:, None] & col_mask[None, :]
+        cost = tl.load(
+            cost_ptr + rows[:, None].to(tl.int64) * m + cols[None, :], mask=mask, other=0.0
+        )
+        g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
+        score = (g[None, :] - cost) * inv_eps
+        if SAMPLE:
+            uniform = tl.rand(seed, rows[:, None] * m + cols[None, :])
+            # 1e-30 keeps log(0) out; -log(-log u) is then at most ~4.2 below the smallest
+            # draw that can matter.
+            score += -tl.log(-tl.log(tl.maximum(uniform, 1e-30)))
+        score = tl.where(mask, score, float("-inf"))
+        block_best = tl.max(score, axis=1)
+        block_index = tl.argmax(score, axis=1).to(tl.int32) + j0
+        better = block_best > best  # ties keep the first column, as torch.argmax
+        best = tl.where(better, block_best, best)
+        best_index = tl.where(better, block_index, best_index)
+    tl.store(out_ptr + problem * n + rows, best_index.to(tl.int64), mask=row_mask)
+
+
+def pair_sample_triton(
+    cost: torch.Tensor,
+    g: torch.Tensor,
+    epsilon: torch.Tensor,
+    seed: torch.Tensor,
+    sample: bool,
+    *,
+    block_n: int = 32,
+    block_m: int = 128,
+) -> torch.Tensor:
+    """Partner index [B, n] (int64) for [B, n, m] float32 costs, potentials g [B, m] and
+    epsilon [B]; ``seed`` is a one-element int64 device tensor."""
+    batch, n, m = cost.shape
+    out = torch.empty((batch, n), dtype=torch.int64, device=cost.device)
+    launch(pair_sample_kernel, (triton.cdiv(n, block_n), batch))(
+        cost, g, epsilon, seed, out, n, m, SAMPLE=sample, BLOCK_N=block_n, BLOCK_M=block_m
+    )
+    return out
