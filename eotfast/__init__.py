@@ -6,7 +6,11 @@
 >>> result = eotfast.sinkhorn(eotfast.cost_matrix(x, y))
 """
 
-from eotfast._backends import available_backends, cpu_extension_available
+from eotfast._backends import (
+    available_backends,
+    cpu_extension_available,
+    cuda_extension_available,
+)
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
 from eotfast.pairing import pair
@@ -19,6 +23,7 @@ __all__ = [
     "available_backends",
     "cost_matrix",
     "cpu_extension_available",
+    "cuda_extension_available",
     "emd",
     "epsilon_from_reg",
     "pair",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from eotfast._backends import resolve_backend
 from eotfast._validation import check_finite_values, check_point_batches
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
@@ -29,6 +30,23 @@ def _draw_from_rows(
     # Clamp keeps log(0) out: the smallest normal float still yields a finite Gumbel draw.
     gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
     return (log_weights + gumbel).argmax(dim=-1)
+
+
+def _draw_from_rows_triton(shifted_cost, result, sampling, generator) -> torch.Tensor:
+    """The Gumbel-max draw of :func:`_draw_from_rows` streamed by a Triton kernel, which never
+    forms the [n, m] weights; the seed is drawn on the device (no host read)."""
+    from eotfast._triton_ops import pair_sample_triton
+
+    batch_shape, (n, m) = shifted_cost.shape[:-2], shifted_cost.shape[-2:]
+    seed = torch.randint(2**62, (1,), generator=generator, device=shifted_cost.device)
+    partners = pair_sample_triton(
+        shifted_cost.reshape(-1, n, m).float().contiguous(),
+        result.g.reshape(-1, m).float().contiguous(),
+        result.epsilon.reshape(-1).float().contiguous(),
+        seed,
+        sampling == "sample",
+    )
+    return partners.reshape(*batch_shape, n)
 
 
 def _random_pairing(
@@ -73,8 +91,11 @@ def pair(
         targets, the minimal total cost. "emd": POT's exact plan (:func:`eotfast.emd`), then
         drawn from its rows like "sinkhorn". Both exact methods solve on the host.
         "random": uniformly random partners (distinct when n <= m), the baseline.
-    reg, relative_reg, max_iter, tol, backend
+    reg, relative_reg, max_iter, tol
         Passed to :func:`eotfast.sinkhorn` (method "sinkhorn" only).
+    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+        Sinkhorn backend (see :func:`eotfast.sinkhorn`). With "triton" the cost matrix and the
+        draws from the plan rows are Triton kernels too; with "cuda" the cost matrix is.
     sampling : {"sample", "argmax"}
         How a target is taken from a plan row: drawn with the row's probabilities (the
         default: pairs follow the plan, as in OT conditional flow matching), or the row's most
@@ -112,7 +133,8 @@ def pair(
     if method == "random":
         return _random_pairing(batch_shape, n, m, x.device, generator)
 
-    cost = cost_matrix(x, y)  # [..., n, m]
+    backend = resolve_backend(backend, x.device)
+    cost = cost_matrix(x, y, backend=backend)  # [..., n, m]
     if method == "exact":
         return assignment(cost)
     if method == "emd":
@@ -122,6 +144,8 @@ def pair(
     result, shifted_cost, _ = _sinkhorn_on_shifted_cost(
         cost, None, None, reg, relative_reg, max_iter, tol, backend
     )
+    if backend == "triton":
+        return _draw_from_rows_triton(shifted_cost, result, sampling, generator)
     # Row i of the plan is proportional to exp((g_j - C_ij) / eps): f_i is constant on the row.
     log_weights = (result.g[..., None, :] - shifted_cost) / result.epsilon[..., None, None]
     return _draw_from_rows(log_weights, sampling, generator)

@@ -161,6 +161,19 @@ sinkhorn_cpu.register_fake(_empty_solution)
 _SOLVER_OPS = {"torch": sinkhorn_torch, "cpu": sinkhorn_cpu}
 
 
+def _solver(backend: str):
+    """The solve function of a resolved backend; Triton is imported only when asked for."""
+    if backend == "triton":
+        from eotfast._triton_ops import solve_sinkhorn_triton
+
+        return solve_sinkhorn_triton
+    if backend == "cuda":
+        from eotfast._cuda_ops import solve_sinkhorn_cuda
+
+        return solve_sinkhorn_cuda
+    return _SOLVER_OPS[backend]
+
+
 def _broadcast_marginal(
     name: str, marginal: torch.Tensor | None, batch_shape: torch.Size, size: int, cost: torch.Tensor
 ) -> torch.Tensor:
@@ -222,9 +235,11 @@ def sinkhorn(
     tol : float
         A problem stops once ||P^T 1 - b||_2 < tol (POT's ``stopThr`` criterion, tested every
         iteration here). 0 runs exactly ``max_iter`` iterations.
-    backend : {"auto", "torch", "cpu"}
-        "cpu": the C++ kernels; "torch": the PyTorch reference (any device); "auto": the
-        fastest available for cost's device.
+    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+        "cpu": the C++ kernels; "triton": the Triton kernels (CUDA tensors; CPU tensors only
+        under ``TRITON_INTERPRET=1``); "cuda": the CUDA kernels of csrc/cuda (CUDA tensors);
+        "torch": the PyTorch reference (any device); "auto": the fastest available for cost's
+        device. "triton" and "cuda" solve in float32.
 
     Returns
     -------
@@ -265,7 +280,7 @@ def _sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, back
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
     offset = cost.amin(dim=(-2, -1))  # [...]
     shifted_cost = cost - offset[..., None, None]  # [..., n, m]
-    f, g, n_iter, error = _SOLVER_OPS[backend](
+    f, g, n_iter, error = _solver(backend)(
         shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol)
     )
     result = SinkhornResult(
