@@ -1,0 +1,48 @@
+"""train_step: one optimizer step of the trainer (train.py's default digits configuration),
+with OT pairing inside the compiled step and without it (random partners), so that the share
+of the step spent pairing shows. Also times the pair call alone on the step's batch.
+
+Goal (issue "The trainer"): pairing under 2% of the step with the machine's fastest backend.
+Compilation happens in the warm-up rounds, outside the timing.
+"""
+
+import time
+
+import pytest
+from _bench_utils import record
+
+import eotfast
+from eotfast.ddpm.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    from eotfast.ddpm.data import load_dataset
+
+    config = TrainConfig().resolved()
+    return load_dataset("digits", None, config.image_size)
+
+
+@pytest.mark.parametrize("ot_choice", ["sinkhorn", "exact", "random"])
+def test_train_step(benchmark, digits_data, ot_choice, tmp_path):
+    config = TrainConfig(ot=ot_choice, out_dir=str(tmp_path))
+    trainer = Trainer(config, data=digits_data)
+    source, target = trainer.next_batch()
+    start = time.perf_counter()
+    for _ in range(3):  # compiles
+        trainer.train_step()
+    warmup_s = time.perf_counter() - start
+
+    benchmark.pedantic(trainer.train_step, rounds=20, iterations=1)
+    flat_source, flat_target = source.flatten(1), target.flatten(1)  # [B, 3 * 16 * 16]
+    method = "sinkhorn" if ot_choice == "sinkhorn" else ot_choice
+    pair_times = []
+    for _ in range(20):
+        begin = time.perf_counter()
+        eotfast.pair(flat_source, flat_target, method)
+        pair_times.append(time.perf_counter() - begin)
+    pair_ms = 1e3 * sorted(pair_times)[len(pair_times) // 2]
+    step_ms = 1e3 * benchmark.stats.stats.median
+    record(benchmark, "train_step", f"step, --ot {ot_choice}", config.batch_size,
+           flat_source.shape[1], 1, steps_per_s=1e3 / step_ms, pair_ms=pair_ms,
+           pair_share=pair_ms / step_ms, warmup_s=warmup_s)  # fmt: skip
