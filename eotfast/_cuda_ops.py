@@ -11,6 +11,7 @@ import torch
 from torch.library import custom_op
 
 from eotfast._backends import require_cuda_extension
+from eotfast.sinkhorn import _empty_solution
 
 _ELEMENT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -55,15 +56,16 @@ def sinkhorn_cuda(
     max_iter: int,
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backend 'cuda': one thread block per problem, all iterations in one launch."""
+    """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
+    iterations in one launch."""
     extension = require_cuda_extension()
-    cost, a, b, epsilon = (t.float().contiguous() for t in (cost, a, b, epsilon))
+    for name, tensor in (("cost", cost), ("a", a), ("b", b), ("epsilon", epsilon)):
+        if tensor.dtype != torch.float32:
+            raise TypeError(f"sinkhorn_cuda: {name} must be float32, got {tensor.dtype}")
+    cost, a, b, epsilon = (t.contiguous() for t in (cost, a, b, epsilon))
     batch, n, m = cost.shape
-    f = torch.empty((batch, n), dtype=torch.float32, device=cost.device)
-    g = torch.empty((batch, m), dtype=torch.float32, device=cost.device)
+    f, g, n_iter, error = _empty_solution(cost, a, b, epsilon, max_iter, tol)
     g_next = torch.empty_like(g)
-    n_iter = torch.empty((batch,), dtype=torch.int64, device=cost.device)
-    error = torch.empty((batch,), dtype=torch.float32, device=cost.device)
     with torch.cuda.device(cost.device):
         extension.sinkhorn_log_float32(
             cost.data_ptr(),
@@ -85,17 +87,11 @@ def sinkhorn_cuda(
     return f, g, n_iter, error
 
 
-@sinkhorn_cuda.register_fake
-def _(cost, a, b, epsilon, max_iter, tol):
-    batch, n, m = cost.shape
-    return (
-        cost.new_empty((batch, n), dtype=torch.float32),
-        cost.new_empty((batch, m), dtype=torch.float32),
-        cost.new_empty((batch,), dtype=torch.int64),
-        cost.new_empty((batch,), dtype=torch.float32),
-    )
+sinkhorn_cuda.register_fake(_empty_solution)
 
 
 def solve_sinkhorn_cuda(cost, a, b, epsilon, max_iter: int, tol: float):
-    f, g, n_iter, error = sinkhorn_cuda(cost, a, b, epsilon, max_iter, tol)
+    """float32 throughout (the kernel's dtype); results in cost's dtype."""
+    inputs = [t.float() for t in (cost, a, b, epsilon)]
+    f, g, n_iter, error = sinkhorn_cuda(*inputs, max_iter, tol)
     return f.to(cost.dtype), g.to(cost.dtype), n_iter, error.to(cost.dtype)

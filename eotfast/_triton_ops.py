@@ -17,6 +17,7 @@ from torch.library import custom_op, triton_op
 from eotfast.kernels.cost_matrix import cost_matrix_triton as _cost_matrix_launcher
 from eotfast.kernels.pair_sampling import pair_sample_triton as _pair_sample_launcher
 from eotfast.kernels.sinkhorn import sinkhorn_log_persistent, sinkhorn_log_tiled
+from eotfast.sinkhorn import _check_solver_values, _empty_solution
 
 # Persistent kernel (one program per problem) when the problem is small or the batch alone
 # fills the GPU; otherwise the tiled path spreads a problem over the SMs. Not measured yet
@@ -34,12 +35,6 @@ def cost_matrix_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @cost_matrix_triton.register_fake
 def _(x, y):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
-
-
-def _check_values(cost, a, b):
-    from eotfast.sinkhorn import _check_solver_values
-
-    _check_solver_values(cost, a, b)
 
 
 @triton_op("eotfast::sinkhorn_triton", mutates_args=())
@@ -68,16 +63,6 @@ def sinkhorn_triton_tiled(
     return sinkhorn_log_tiled(cost, a, b, epsilon, max_iter, tol)
 
 
-def _empty_solution(cost, a, b, epsilon, max_iter, tol):
-    batch, n, m = cost.shape
-    return (
-        cost.new_empty(batch, n),
-        cost.new_empty(batch, m),
-        cost.new_empty(batch, dtype=torch.int64),
-        cost.new_empty(batch),
-    )
-
-
 sinkhorn_triton.register_fake(_empty_solution)
 sinkhorn_triton_tiled.register_fake(_empty_solution)
 
@@ -86,7 +71,7 @@ def solve_sinkhorn_triton(cost, a, b, epsilon, max_iter: int, tol: float):
     """Picks the path from the (static) shapes; float32 throughout (the kernels' dtype)."""
     batch, n, m = cost.shape
     if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does
-        _check_values(cost, a, b)
+        _check_solver_values(cost, a, b)
     inputs = [t.float().contiguous() for t in (cost, a, b, epsilon)]
     if n * m <= PERSISTENT_MAX_ENTRIES or batch >= PERSISTENT_MIN_BATCH:
         f, g, n_iter, error = sinkhorn_triton(*inputs, max_iter, tol)
