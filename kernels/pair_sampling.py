@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from eotfast.kernels._launch import launch
+from eotfast.kernels._tiles import load_cost_tile
 
 
 @triton.jit
@@ -40,10 +41,7 @@ def pair_sample_kernel(
     for j0 in range(0, m, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
         col_mask = cols < m
-        mask = row_mask[:, None] & col_mask[None, :]
-        cost = tl.load(
-            cost_ptr + rows[:, None].to(tl.int64) * m + cols[None, :], mask=mask, other=0.0
-        )
+        cost, mask = load_cost_tile(cost_ptr, rows, row_mask, cols, col_mask, m)
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
         score = (g[None, :] - cost) * inv_eps
         if SAMPLE:

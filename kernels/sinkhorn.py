@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from eotfast.kernels._launch import launch
+from eotfast.kernels._tiles import load_cost_tile
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the GPU's native exponent
 LN2 = 0.6931471805599453
@@ -58,10 +59,7 @@ def _column_logsumexp(
     for i0 in range(0, n, BLOCK_N):
         rows = i0 + tl.arange(0, BLOCK_N)
         row_mask = rows < n
-        mask = row_mask[:, None] & col_mask[None, :]
-        cost = tl.load(
-            cost_ptr + rows[:, None].to(tl.int64) * m + cols[None, :], mask=mask, other=0.0
-        )
+        cost, mask = load_cost_tile(cost_ptr, rows, row_mask, cols, col_mask, m)
         f = tl.load(f_ptr + rows, mask=row_mask, other=0.0)
         z = tl.where(mask, (f[:, None] - cost) * inv_eps2, float("-inf"))  # base-2 units
         running_max, running_sum = _online_logsumexp_step(running_max, running_sum, z, 0)
@@ -78,10 +76,7 @@ def _row_logsumexp(
     for j0 in range(0, m, BLOCK_M):
         cols = j0 + tl.arange(0, BLOCK_M)
         col_mask = cols < m
-        mask = row_mask[:, None] & col_mask[None, :]
-        cost = tl.load(
-            cost_ptr + rows[:, None].to(tl.int64) * m + cols[None, :], mask=mask, other=0.0
-        )
+        cost, mask = load_cost_tile(cost_ptr, rows, row_mask, cols, col_mask, m)
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
         z = tl.where(mask, (g[None, :] - cost) * inv_eps2, float("-inf"))
         running_max, running_sum = _online_logsumexp_step(running_max, running_sum, z, 1)
