@@ -8,7 +8,6 @@ denoise the paired target conditioned on its source.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -228,9 +227,8 @@ class PairedDenoisingLoss(nn.Module):
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs, checkpoints and evaluates it."""
 
-    def __init__(self, config: TrainConfig, data: DomainData | None = None, quiet=False):
+    def __init__(self, config: TrainConfig, data: DomainData | None = None):
         self.config = config = config.resolved()
-        self.quiet = quiet
         self.device = resolve_device(config.device)
         self.out_dir = Path(config.out_dir)
         self.method, self.backend, self.ot_used = resolve_pairing(config.ot, self.device)
@@ -283,6 +281,10 @@ class Trainer:
         )
         self.step = 0
         self._classifier = None
+        # Inception features for FID on image data sets: built at the first evaluation, or
+        # the message why not (weights missing), printed once.
+        self._inception: nn.Module | None = None
+        self._inception_missing: str | None = None
 
     # ----------------------------------------------------------------- training
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,13 +412,15 @@ class Trainer:
         return metrics, grid.flatten(0, 1)  # [rows, 3, C, H, W] -> [rows*3, C, H, W]
 
     def _inception_fid(self, outputs: torch.Tensor, real: torch.Tensor) -> dict:
-        try:
-            features = InceptionFeatures().to(self.device)
-        except FileNotFoundError as error:
-            if not getattr(self, "_warned_fid", False):
+        if self._inception is None and self._inception_missing is None:
+            try:
+                self._inception = InceptionFeatures().to(self.device)
+            except FileNotFoundError as error:
+                self._inception_missing = str(error)
                 print(f"FID skipped: {error}", file=sys.stderr)
-                self._warned_fid = True
+        if self._inception is None:
             return {}
+        features = self._inception
         real = real[: len(outputs)].float() / 255
         feature_sets = [
             torch.cat([features(chunk.to(self.device)).cpu() for chunk in images.split(64)])
@@ -563,8 +567,7 @@ def evaluate_checkpoint(
     """Metrics of a saved run's EMA model (the separate evaluation command)."""
     state = load_checkpoint(path)
     config = dataclasses.replace(TrainConfig.from_dict(state["config"]), compile=False)
-    with contextlib.redirect_stderr(sys.stderr):
-        trainer = Trainer(config, data=data)
+    trainer = Trainer(config, data=data)
     trainer.load_state_dict(state)
     metrics, grid = trainer.evaluate(num_images)
     save_grid(grid, Path(path).with_suffix(".eval.png"))
