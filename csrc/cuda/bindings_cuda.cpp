@@ -15,6 +15,10 @@ using eotfast::cuda::ElementType;
 
 namespace {
 
+// The cost kernel puts one block per 16 rows of x (kTile in sinkhorn_cuda.cu) on grid axis y,
+// which CUDA limits to 65535 blocks.
+constexpr int64_t kCostMatrixMaxN = 65535 * 16;
+
 template <class T>
 T* ptr(std::uintptr_t address) {
   return reinterpret_cast<T*>(address);
@@ -43,7 +47,10 @@ void cost_matrix(std::uintptr_t x, std::uintptr_t y, std::uintptr_t out, int ele
   if (d < 1) throw std::invalid_argument("d must be >= 1");
   if (element_type < 0 || element_type > 2)
     throw std::invalid_argument("element_type must be 0 (float32), 1 (float16), 2 (bfloat16)");
-  if (batch > 65535) throw std::invalid_argument("cost_matrix: batch must be <= 65535");
+  // The batch has no such limit: the kernel strides over the problems beyond gridDim.z.
+  if (n > kCostMatrixMaxN)
+    throw std::invalid_argument("cost_matrix: n (points in x) must be <= " +
+                                std::to_string(kCostMatrixMaxN) + ", got " + std::to_string(n));
   eotfast::cuda::cost_matrix(ptr<const void>(x), ptr<const void>(y), ptr<float>(out),
                              static_cast<ElementType>(element_type), batch, n, m, d,
                              ptr<void>(stream));
