@@ -28,13 +28,15 @@ def pair_sample_kernel(
     SAMPLE: tl.constexpr,                          # Gumbel-max draw, else the row's argmax
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    problem = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    problem = tl.program_id(0).to(tl.int64)  # axis 0: up to 2^31 - 1 problems
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n
     inv_eps = 1.0 / tl.load(eps_ptr + problem).to(tl.float32)
     cost_ptr += problem * n * m
     g_ptr += problem * m
-    # Philox key per problem, counter per (row, column): independent draws everywhere.
+    # Philox key per problem, counter per (row, column): independent draws everywhere. The
+    # counter is int64 (tl.rand splits it into two 32-bit words): n * m passes 2^31 at
+    # n = m = 46341.
     seed = tl.load(seed_ptr) + problem
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     best_index = tl.zeros((BLOCK_N,), tl.int32)
@@ -45,7 +47,7 @@ def pair_sample_kernel(
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
         score = (g[None, :] - cost) * inv_eps
         if SAMPLE:
-            uniform = tl.rand(seed, rows[:, None] * m + cols[None, :])
+            uniform = tl.rand(seed, rows[:, None].to(tl.int64) * m + cols[None, :])
             # 1e-30 keeps log(0) out; -log(-log u) is then at most ~4.2 below the smallest
             # draw that can matter.
             score += -tl.log(-tl.log(tl.maximum(uniform, 1e-30)))
@@ -67,12 +69,16 @@ def pair_sample_triton(
     *,
     block_n: int = 32,
     block_m: int = 128,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Partner index [B, n] (int64) for [B, n, m] float32 costs, potentials g [B, m] and
     epsilon [B]; ``seed`` is a one-element int64 device tensor."""
     batch, n, m = cost.shape
     out = torch.empty((batch, n), dtype=torch.int64, device=cost.device)
-    launch(pair_sample_kernel, (triton.cdiv(n, block_n), batch))(
-        cost, g, epsilon, seed, out, n, m, SAMPLE=sample, BLOCK_N=block_n, BLOCK_M=block_m
-    )
+    launch(pair_sample_kernel, (batch, triton.cdiv(n, block_n)), cost.device)(
+        cost, g, epsilon, seed, out, n, m, SAMPLE=sample, BLOCK_N=block_n, BLOCK_M=block_m,
+        # 8 warps: with 4, Philox draws for a 32 x 128 tile with scalar loads (m not a multiple
+        # of 16) need 255 registers and spill 344 bytes on sm_90 (tests/test_triton_compile.py).
+        num_warps=num_warps,
+    )  # fmt: skip
     return out
