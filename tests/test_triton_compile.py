@@ -73,7 +73,7 @@ def kernel_rows(reports, arch):
 def test_every_launcher_configuration_is_compiled(reports):
     names = {row["name"].split()[0] for row in kernel_rows(reports, 90)}
     assert names == {"cost_matrix", "sinkhorn_log", "pair_sample"}
-    assert len(kernel_rows(reports, 90)) == 3 * (3 + 2 + 2)  # shapes x (dtypes, programs, modes)
+    assert len(kernel_rows(reports, 90)) == 4 * (3 + 2 + 2)  # shapes x (dtypes, programs, modes)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

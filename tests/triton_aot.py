@@ -39,8 +39,14 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 # Shared memory a program may use, in bytes (CUDA C programming guide, compute capabilities).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-# (B, n, m, d): multiples of 16, none of them, and the degenerate 1 x 1 x 1.
-SHAPES = {"aligned": (2, 64, 128, 3072), "odd": (3, 33, 17, 70), "ones": (1, 1, 1, 1)}
+# (B, n, m, d): multiples of 16, none of them, odd n and m with an aligned d (image data), and
+# the degenerate 1 x 1 x 1.
+SHAPES = {
+    "aligned": (2, 64, 128, 3072),
+    "odd": (3, 33, 17, 70),
+    "odd_points": (2, 33, 17, 3072),
+    "ones": (1, 1, 1, 1),
+}
 
 
 # ----------------------------------------------------------------------------------- capture
