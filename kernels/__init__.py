@@ -1,8 +1,8 @@
 """Triton kernels of eotfast, shipped as ``eotfast.kernels``.
 
 - ``cost_matrix``: batched squared Euclidean distances on ``tl.dot`` tiles.
-- ``sinkhorn``: log-domain Sinkhorn, a single-launch persistent path and a tiled path, both
-  stopping each problem on the device.
+- ``sinkhorn``: log-domain Sinkhorn in one launch, each problem on one or several programs
+  (grid barriers between them), each stopping on the device.
 - ``pair_sampling``: one partner per plan row (Gumbel-max or argmax) without forming the plan.
 
 They are registered as torch ops in ``eotfast._triton_ops`` and reached through the public
