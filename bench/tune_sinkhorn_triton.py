@@ -22,7 +22,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).parent))
 from _bench_utils import RELATIVE_REG, TOL, image_batches  # noqa: E402
 from eotfast.kernels._launch import multiprocessor_count  # noqa: E402
-from eotfast.kernels.sinkhorn import programs_per_problem, sinkhorn_log  # noqa: E402
+from eotfast.kernels.sinkhorn import launch_sinkhorn, programs_per_problem  # noqa: E402
 
 import eotfast  # noqa: E402,F401
 
@@ -48,7 +48,7 @@ def main() -> None:
             for warps in (4, 8):
                 for block_n, block_m in BLOCKS:
                     solve = functools.partial(
-                        sinkhorn_log, cost, a, a, epsilon, 10_000, TOL, programs=programs,
+                        launch_sinkhorn, cost, a, a, epsilon, 10_000, TOL, programs=programs,
                         block_n=block_n, block_m=block_m, num_warps=warps,
                     )  # fmt: skip
                     f, g, n_iter, error = solve()

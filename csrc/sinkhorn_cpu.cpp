@@ -1,14 +1,14 @@
 // Batched log-domain Sinkhorn on the CPU.
 //
 // One sweep over the cost matrix per iteration. For each row i the sweep computes the
-// max-shifted terms t_ij = exp((g_j - C_ij - max_j(g_j - C_ij)) / eps) and their sum S_i, which
-// give the f update (a log-sum-exp, exact in the log domain) and the new plan's row,
+// max-shifted terms t_ij = exp((g_j - C_ij - max_j(g_j - C_ij)) / epsilon) and their sum S_i,
+// which give the f update (a log-sum-exp, exact in the log domain) and the new plan's row,
 // P_ij = t_ij * a_i / S_i; adding that row into per-thread column sums gives the column masses
 // of the plan (f, g) without a second exp sweep over the columns. The column masses give the
 // marginal error (the stopping test) and the g update through potential_update_from_mass.
 // A column whose mass underflows (every term below the float range) takes the exact column
 // log-sum-exp instead, so small epsilon never turns into inf or a uniform plan.
-// Measured on the 2-core dev machine (n = m = 1024, float32, 1 thread): the two-sweep form (a
+// Measured on a 2-core x86-64 CPU (n = m = 1024, float32, 1 thread): the two-sweep form (a
 // row sweep for f, a sweep over a transposed copy for g) took 2.3 ns per cost entry per
 // iteration; this one takes 1.27 ns (0.92 ns with the degree-5 exp of sinkhorn_math.h).
 #include "sinkhorn_cpu.h"
@@ -37,7 +37,7 @@ namespace {
 #endif
 
 // Below this many cost entries per thread, starting threads and meeting at two barriers per
-// iteration costs more than the parallel sweep saves. Measured on the 2-core dev machine, 50
+// iteration costs more than the parallel sweep saves. Measured on a 2-core x86-64 CPU, 50
 // iterations, 1 vs 2 threads: n = 128 (16k entries) 1.0 vs 1.5 ms, n = 181 (33k) 2.1 vs 2.3 ms,
 // n = 256 (65k) 2.8 vs 1.6 ms.
 constexpr int64_t kMinEntriesPerThread = int64_t{1} << 15;
@@ -53,16 +53,16 @@ template <>
 constexpr double kTrustedMass<double> = 1e-290;
 
 // Row sweep over rows [r0, r1) of cost ([.., m], row-major), given g:
-//   f[r] = eps * (log a[r] - LSE_j((g_j - C_rj) / eps))      (exact log-domain update)
-//   col_mass[j] += P_rj = exp((f_r + g_j - C_rj) / eps)      (the new plan's row)
+//   f[r] = epsilon * (log a[r] - LSE_j((g_j - C_rj) / epsilon))  (exact log-domain update)
+//   col_mass[j] += P_rj = exp((f_r + g_j - C_rj) / epsilon)      (the new plan's row)
 // `terms` is a scratch row of m entries that stays in L1 between the sweeps.
 template <class T>
 EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1, const T* g,
-                               const T* a, T eps, T* f, T* col_mass, T* terms) {
-  const T inv_eps = T(1) / eps;
+                               const T* a, T epsilon, T* f, T* col_mass, T* terms) {
+  const T inv_epsilon = T(1) / epsilon;
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = cost + r * m;
-    // Max in cost units (eps > 0 keeps the argmax): one multiply less per entry.
+    // Max in cost units (epsilon > 0 keeps the argmax): one multiply less per entry.
     T vmax = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : vmax)
     for (int64_t j = 0; j < m; ++j) {
@@ -77,10 +77,10 @@ EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1,
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < m; ++j) {
-      terms[j] = exp_nonpositive((g[j] - row[j] - vmax) * inv_eps);
+      terms[j] = exp_nonpositive((g[j] - row[j] - vmax) * inv_epsilon);
       sum += terms[j];
     }
-    f[r] = potential_update(std::log(a[r]), vmax * inv_eps + std::log(sum), eps);
+    f[r] = potential_update(std::log(a[r]), vmax * inv_epsilon + std::log(sum), epsilon);
     const T row_scale = a[r] / sum;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) col_mass[j] += terms[j] * row_scale;
@@ -88,34 +88,35 @@ EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1,
 }
 
 EOTFAST_MULTIVERSION void row_sweep_f32(const float* cost, int64_t m, int64_t r0, int64_t r1,
-                                        const float* g, const float* a, float eps, float* f,
+                                        const float* g, const float* a, float epsilon, float* f,
                                         float* col_mass, float* terms) {
-  row_sweep_impl(cost, m, r0, r1, g, a, eps, f, col_mass, terms);
+  row_sweep_impl(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
 }
 
 EOTFAST_MULTIVERSION void row_sweep_f64(const double* cost, int64_t m, int64_t r0, int64_t r1,
-                                        const double* g, const double* a, double eps, double* f,
-                                        double* col_mass, double* terms) {
-  row_sweep_impl(cost, m, r0, r1, g, a, eps, f, col_mass, terms);
+                                        const double* g, const double* a, double epsilon,
+                                        double* f, double* col_mass, double* terms) {
+  row_sweep_impl(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
 }
 
 inline void row_sweep(const float* cost, int64_t m, int64_t r0, int64_t r1, const float* g,
-                      const float* a, float eps, float* f, float* col_mass, float* terms) {
-  row_sweep_f32(cost, m, r0, r1, g, a, eps, f, col_mass, terms);
+                      const float* a, float epsilon, float* f, float* col_mass, float* terms) {
+  row_sweep_f32(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
 }
 
 inline void row_sweep(const double* cost, int64_t m, int64_t r0, int64_t r1, const double* g,
-                      const double* a, double eps, double* f, double* col_mass, double* terms) {
-  row_sweep_f64(cost, m, r0, r1, g, a, eps, f, col_mass, terms);
+                      const double* a, double epsilon, double* f, double* col_mass,
+                      double* terms) {
+  row_sweep_f64(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
 }
 
-// lse[j] = LSE_i((f_i - C_ij) / eps) for columns [j0, j1), streaming whole rows so the inner
-// loops run over contiguous j: a max sweep, then a sum sweep. Used for the first g update
+// lse[j] = LSE_i((f_i - C_ij) / epsilon) for columns [j0, j1), streaming whole rows so the
+// inner loops run over contiguous j: a max sweep, then a sum sweep. Used for the first g update
 // (f = 0) and for single columns whose mass underflowed. `col_max` is scratch over [j0, j1).
 template <class T>
 void column_logsumexp(const T* cost, int64_t n, int64_t m, int64_t j0, int64_t j1, const T* f,
-                      T eps, T* lse, T* col_max) {
-  const T inv_eps = T(1) / eps;
+                      T epsilon, T* lse, T* col_max) {
+  const T inv_epsilon = T(1) / epsilon;
   std::fill(col_max + j0, col_max + j1, -std::numeric_limits<T>::infinity());
   std::fill(lse + j0, lse + j1, T(0));
   for (int64_t i = 0; i < n; ++i) {
@@ -124,9 +125,10 @@ void column_logsumexp(const T* cost, int64_t n, int64_t m, int64_t j0, int64_t j
   }
   for (int64_t i = 0; i < n; ++i) {
     const T* row = cost + i * m;
-    for (int64_t j = j0; j < j1; ++j) lse[j] += exp_nonpositive((f[i] - row[j] - col_max[j]) * inv_eps);
+    for (int64_t j = j0; j < j1; ++j)
+      lse[j] += exp_nonpositive((f[i] - row[j] - col_max[j]) * inv_epsilon);
   }
-  for (int64_t j = j0; j < j1; ++j) lse[j] = col_max[j] * inv_eps + std::log(lse[j]);
+  for (int64_t j = j0; j < j1; ++j) lse[j] = col_max[j] * inv_epsilon + std::log(lse[j]);
 }
 // Sense-counting barrier for a team that meets twice per iteration: a futex-based barrier
 // costs a system call per wait, which at ~0.5 ms per iteration would be measurable.
@@ -162,7 +164,7 @@ struct Problem {
   const T* cost;  // [n, m]
   const T* a;     // [n]
   const T* b;     // [m]
-  T eps;
+  T epsilon;
   T* f;  // [n]
   T* g;  // [m]
   int64_t* n_iter;
@@ -197,16 +199,16 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
   T* g = p.g;
   T* g_new = ws.g_next.data();
 
-  // POT starts from f = 0 and updates g first: g = eps * (log b - LSE_i(-C_ij / eps)).
+  // POT starts from f = 0 and updates g first: g = epsilon * (log b - LSE_i(-C_ij / epsilon)).
   std::fill(p.f + i0, p.f + i1, T(0));
   barrier.wait();
-  column_logsumexp(p.cost, n, m, j0, j1, p.f, p.eps, g, ws.col_max.data());
-  for (int64_t j = j0; j < j1; ++j) g[j] = potential_update(std::log(p.b[j]), g[j], p.eps);
+  column_logsumexp(p.cost, n, m, j0, j1, p.f, p.epsilon, g, ws.col_max.data());
+  for (int64_t j = j0; j < j1; ++j) g[j] = potential_update(std::log(p.b[j]), g[j], p.epsilon);
   barrier.wait();
 
   for (int64_t iter = 1;; ++iter) {
     std::fill(my_col_mass, my_col_mass + m, T(0));
-    row_sweep(p.cost, m, i0, i1, g, p.a, p.eps, p.f, my_col_mass, my_terms);
+    row_sweep(p.cost, m, i0, i1, g, p.a, p.epsilon, p.f, my_col_mass, my_terms);
     barrier.wait();
 
     double squared_error = 0.0;
@@ -218,10 +220,10 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
       if (p.b[j] == T(0)) {
         g_new[j] = -std::numeric_limits<T>::infinity();
       } else if (mass >= kTrustedMass<T>) {
-        g_new[j] = potential_update_from_mass(g[j], std::log(p.b[j]), mass, p.eps);
+        g_new[j] = potential_update_from_mass(g[j], std::log(p.b[j]), mass, p.epsilon);
       } else {
-        column_logsumexp(p.cost, n, m, j, j + 1, p.f, p.eps, g_new, ws.col_max.data());
-        g_new[j] = potential_update(std::log(p.b[j]), g_new[j], p.eps);
+        column_logsumexp(p.cost, n, m, j, j + 1, p.f, p.epsilon, g_new, ws.col_max.data());
+        g_new[j] = potential_update(std::log(p.b[j]), g_new[j], p.epsilon);
       }
     }
     partial_squared_error[rank] = squared_error;
@@ -255,31 +257,31 @@ void run_team(int team_size, F&& body) {
   for (auto& t : helpers) t.join();
 }
 
-void check_args(const void* cost, const void* a, const void* b, const void* eps,
+void check_args(const void* cost, const void* a, const void* b, const void* epsilon,
                 const void* f, const void* g, const void* n_iter, const void* marginal_error,
                 int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol) {
-  if (!cost || !a || !b || !eps || !f || !g || !n_iter || !marginal_error)
-    throw std::invalid_argument("sinkhorn_log: null data pointer");
+  if (!cost || !a || !b || !epsilon || !f || !g || !n_iter || !marginal_error)
+    throw std::invalid_argument("sinkhorn_cpu: null data pointer");
   if (batch < 1 || n < 1 || m < 1)
-    throw std::invalid_argument("sinkhorn_log: batch, n and m must be >= 1, got batch=" +
+    throw std::invalid_argument("sinkhorn_cpu: batch, n and m must be >= 1, got batch=" +
                                 std::to_string(batch) + ", n=" + std::to_string(n) +
                                 ", m=" + std::to_string(m));
   if (max_iter < 1)
-    throw std::invalid_argument("sinkhorn_log: max_iter must be >= 1, got " +
+    throw std::invalid_argument("sinkhorn_cpu: max_iter must be >= 1, got " +
                                 std::to_string(max_iter));
   if (!(tol >= 0.0))
-    throw std::invalid_argument("sinkhorn_log: tol must be >= 0, got " + std::to_string(tol));
+    throw std::invalid_argument("sinkhorn_cpu: tol must be >= 0, got " + std::to_string(tol));
 }
 
 }  // namespace
 
 template <class T>
-void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* g,
+void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, T* f, T* g,
                   int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n, int64_t m,
                   int64_t max_iter, double tol, int num_threads) {
-  check_args(cost, a, b, eps, f, g, n_iter, marginal_error, batch, n, m, max_iter, tol);
+  check_args(cost, a, b, epsilon, f, g, n_iter, marginal_error, batch, n, m, max_iter, tol);
   auto problem = [&](int64_t k) {
-    return Problem<T>{cost + k * n * m, a + k * n,      b + k * m,     eps[k],
+    return Problem<T>{cost + k * n * m, a + k * n,      b + k * m,     epsilon[k],
                       f + k * n,        g + k * m,      n_iter + k,    marginal_error + k};
   };
   int64_t threads = std::max(1, num_threads);
@@ -313,10 +315,10 @@ void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* 
   }
 }
 
-template void sinkhorn_log<float>(const float*, const float*, const float*, const float*,
+template void sinkhorn<float>(const float*, const float*, const float*, const float*,
                                   float*, float*, int64_t*, float*, int64_t, int64_t, int64_t,
                                   int64_t, double, int);
-template void sinkhorn_log<double>(const double*, const double*, const double*, const double*,
+template void sinkhorn<double>(const double*, const double*, const double*, const double*,
                                    double*, double*, int64_t*, double*, int64_t, int64_t,
                                    int64_t, int64_t, double, int);
 

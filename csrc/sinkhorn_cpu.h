@@ -9,7 +9,7 @@ namespace eotfast::cpu {
 //
 // cost            [batch, n, m]  row-major, finite
 // a, b            [batch, n], [batch, m]  nonnegative marginals of equal mass
-// eps             [batch]  absolute entropic regularization, > 0
+// epsilon         [batch]  absolute entropic regularization, > 0
 // f, g            [batch, n], [batch, m]  out: dual potentials in cost units
 // n_iter          [batch]  out: iterations done (one g update + one f update each)
 // marginal_error  [batch]  out: || P^T 1 - b ||_2 of the returned plan (its rows are exact)
@@ -20,7 +20,7 @@ namespace eotfast::cpu {
 // problems when the batch is at least the thread count, otherwise over the rows and columns
 // of each problem.
 template <class T>
-void sinkhorn_log(const T* cost, const T* a, const T* b, const T* eps, T* f, T* g,
+void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, T* f, T* g,
                   int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n, int64_t m,
                   int64_t max_iter, double tol, int num_threads);
 

@@ -1,10 +1,14 @@
-// Per-element and per-row math of log-domain Sinkhorn, shared by every compiled backend so
-// that the CPU tests exercise the same arithmetic the other kernels run.
+// Per-element helpers of log-domain Sinkhorn: bit_cast, exp_nonpositive, potential_update and
+// potential_update_from_mass. They are the only code the C++ CPU kernels (sinkhorn_cpu.cpp)
+// and the CUDA kernel (cuda/sinkhorn_cuda.cu, which uses exp_nonpositive and potential_update)
+// share. The loops, reductions, thread layout and float summation order are each backend's
+// own, and nvcc compiles these helpers with --use_fast_math, so the CPU tests against POT
+// check the shared helpers' source but not the CUDA kernel's results.
 //
 // Notation (POT's sinkhorn_log, with potentials in cost units):
-//   plan      P_ij = exp((f_i + g_j - C_ij) / eps)
-//   g update  g_j  = eps * (log b_j - LSE_i((f_i - C_ij) / eps))
-//   f update  f_i  = eps * (log a_i - LSE_j((g_j - C_ij) / eps))
+//   plan      P_ij = exp((f_i + g_j - C_ij) / epsilon)
+//   g update  g_j  = epsilon * (log b_j - LSE_i((f_i - C_ij) / epsilon))
+//   f update  f_i  = epsilon * (log a_i - LSE_j((g_j - C_ij) / epsilon))
 // One iteration is a g update followed by an f update, so after it the row marginals are
 // exact and the column marginals carry the remaining error.
 #pragma once
@@ -87,19 +91,20 @@ EOTFAST_HD double exp_nonpositive(double x) {
 }
 
 // New potential of one side from the log-sum-exp over the other side:
-// eps * (log marginal - lse). A zero marginal gives -inf: that row or column carries no mass.
+// epsilon * (log marginal - lse). A zero marginal gives -inf: that row or column carries no
+// mass.
 template <class T>
-EOTFAST_HD T potential_update(T log_marginal, T lse, T eps) {
-  return eps * (log_marginal - lse);
+EOTFAST_HD T potential_update(T log_marginal, T lse, T epsilon) {
+  return epsilon * (log_marginal - lse);
 }
 
 // The same update written through the mass that the current plan puts on this row or column:
-// since mass = exp(potential / eps + lse), eps * (log marginal - lse) equals
-// potential + eps * (log marginal - log mass). It needs no sweep over the other side once the
-// mass is known, and is exact as long as the mass is a normal float (callers check).
+// since mass = exp(potential / epsilon + lse), epsilon * (log marginal - lse) equals
+// potential + epsilon * (log marginal - log mass). It needs no sweep over the other side once
+// the mass is known, and is exact as long as the mass is a normal float (callers check).
 template <class T>
-EOTFAST_HD T potential_update_from_mass(T potential, T log_marginal, T mass, T eps) {
-  return potential + eps * (log_marginal - std::log(mass));
+EOTFAST_HD T potential_update_from_mass(T potential, T log_marginal, T mass, T epsilon) {
+  return potential + epsilon * (log_marginal - std::log(mass));
 }
 
 }  // namespace eotfast

@@ -6,13 +6,14 @@
 >>> result = eotfast.sinkhorn(eotfast.cost_matrix(x, y))
 """
 
-from eotfast._backends import (
+from eotfast.cost import cost_matrix
+from eotfast.exact import assignment, emd
+from eotfast.ops import cpu_backend, host, torch_backend  # noqa: F401  (registers their ops)
+from eotfast.ops.registry import (
     available_backends,
     cpu_extension_available,
     cuda_extension_available,
 )
-from eotfast.cost import cost_matrix
-from eotfast.exact import assignment, emd
 from eotfast.pairing import pair
 from eotfast.sinkhorn import SinkhornResult, epsilon_from_reg, sinkhorn
 

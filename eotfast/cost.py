@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._backends import resolve_backend
 from eotfast._validation import check_point_batches
+from eotfast.ops import solve
+from eotfast.ops.registry import resolve_backend
 
 __all__ = ["cost_matrix"]
 
@@ -28,7 +29,8 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
         "triton": the tiled kernel of ``eotfast.kernels.cost_matrix`` (CUDA, or CPU under
         ``TRITON_INTERPRET=1``); "cuda": the kernel of csrc/cuda; both return float32 and
-        leave float64 inputs to torch. "cpu" and "torch" use torch's GEMM (MKL, cuBLAS).
+        leave float64 inputs to torch. "cpu" and "torch" use torch's GEMM (MKL, cuBLAS)
+        (:func:`eotfast.ops.torch_backend.cost_matrix`).
         "auto": the fastest for the inputs' device.
 
     Returns
@@ -41,24 +43,4 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
     if x.dtype != y.dtype:
         raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
     backend = resolve_backend(backend, x.device)
-    if backend in ("triton", "cuda") and x.dtype != torch.float64:
-        return _cost_matrix_kernel(x, y, backend)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x, y = x.float(), y.float()
-    x_sq = x.square().sum(-1)  # [..., n]
-    y_sq = y.square().sum(-1)  # [..., m]
-    cross = x @ y.mT  # [..., n, m]
-    return (x_sq[..., :, None] + y_sq[..., None, :] - 2 * cross).clamp_min_(0)
-
-
-def _cost_matrix_kernel(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from eotfast._triton_ops import cost_matrix_triton as kernel
-    else:
-        from eotfast._cuda_ops import cost_matrix_cuda as kernel
-
-    batch_shape = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
-    (n, d), m = x.shape[-2:], y.shape[-2]
-    x = x.expand(*batch_shape, n, d).reshape(-1, n, d)  # [B, n, d]
-    y = y.expand(*batch_shape, m, d).reshape(-1, m, d)  # [B, m, d]
-    return kernel(x, y).reshape(*batch_shape, n, m)
+    return solve.cost_matrix(x, y, backend)

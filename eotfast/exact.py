@@ -1,66 +1,20 @@
 """Exact optimal transport: POT's network simplex (emd) and the linear assignment problem.
 
-Both solvers run on the host in float64. For GPU tensors these ops copy the cost to the host
-and the result back: that synchronization is the documented exception to eotfast's
-no-host-round-trip rule, the price of exactness. Prefer ``pair(method="sinkhorn")`` inside a
-GPU training step.
+Both solvers run on the host in float64 (eotfast.ops.host). For GPU tensors they copy the
+cost to the host and the result back: that synchronization is the documented exception to
+eotfast's no-host-round-trip rule, the price of exactness. Prefer ``pair(method="sinkhorn")``
+inside a GPU training step.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import ot
-import scipy.optimize
 import torch
 
-from eotfast._validation import check_finite_values, check_marginal_values, check_tensor
-from eotfast.sinkhorn import _broadcast_marginal
+from eotfast._validation import check_tensor
+from eotfast.ops.common import broadcast_marginal
+from eotfast.ops.host import assignment_scipy, emd_pot
 
 __all__ = ["emd", "assignment"]
-
-
-@torch.library.custom_op("eotfast::emd", mutates_args=())
-def emd_op(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_iter: int) -> torch.Tensor:
-    """Exact plans of [B, n, m] problems by ``ot.emd``, one problem after another."""
-    check_finite_values("cost", cost)
-    check_marginal_values(a, b)
-    # POT's network simplex runs on host float64 arrays: the documented host round trip.
-    cost_host, a_host, b_host = (
-        t.detach().to("cpu", torch.float64).numpy()  # host round trip (documented)
-        for t in (cost, a, b)
-    )
-    plans = np.empty_like(cost_host)
-    for k in range(cost_host.shape[0]):
-        # ot.emd wants marginals of exactly equal mass; rescale b to a's float64 sum.
-        b_k = b_host[k] * (a_host[k].sum() / b_host[k].sum())
-        plans[k], log = ot.emd(a_host[k], b_k, cost_host[k], numItermax=max_iter, log=True)
-        if log["result_code"] != 1:
-            raise RuntimeError(
-                f"ot.emd did not reach the optimum on problem {k} ({log['warning']}); "
-                f"raise max_iter (now {max_iter})"
-            )
-    return torch.from_numpy(plans).to(device=cost.device, dtype=cost.dtype)
-
-
-@emd_op.register_fake
-def _(cost, a, b, max_iter):
-    return torch.empty_like(cost)
-
-
-@torch.library.custom_op("eotfast::assignment", mutates_args=())
-def assignment_op(cost: torch.Tensor) -> torch.Tensor:
-    """Optimal one-to-one assignment of [B, n, m] problems (n <= m) by scipy."""
-    check_finite_values("cost", cost)
-    cost_host = cost.detach().to("cpu", torch.float64).numpy()  # host round trip (documented)
-    columns = np.empty(cost_host.shape[:2], dtype=np.int64)
-    for k in range(cost_host.shape[0]):
-        rows, columns[k] = scipy.optimize.linear_sum_assignment(cost_host[k])
-    return torch.from_numpy(columns).to(cost.device)
-
-
-@assignment_op.register_fake
-def _(cost):
-    return cost.new_empty(cost.shape[:2], dtype=torch.int64)
 
 
 def emd(
@@ -92,9 +46,9 @@ def emd(
     """
     check_tensor("cost", cost, min_dim=2)
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
-    a = _broadcast_marginal("a", a, batch_shape, n, cost)
-    b = _broadcast_marginal("b", b, batch_shape, m, cost)
-    plan = emd_op(cost.reshape(-1, n, m), a, b, max_iter)
+    a = broadcast_marginal("a", a, batch_shape, n, cost)
+    b = broadcast_marginal("b", b, batch_shape, m, cost)
+    plan = emd_pot(cost.reshape(-1, n, m), a, b, max_iter)
     return plan.reshape(cost.shape)
 
 
@@ -125,5 +79,5 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
             f"assignment needs n <= m (each row its own column), got cost of shape "
             f"{tuple(cost.shape)}; use emd for n > m"
         )
-    columns = assignment_op(cost.reshape(-1, n, m))
+    columns = assignment_scipy(cost.reshape(-1, n, m))
     return columns.reshape(*batch_shape, n)

@@ -4,49 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._backends import resolve_backend
 from eotfast._validation import check_finite_values, check_point_batches
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
-from eotfast.sinkhorn import _sinkhorn_on_shifted_cost
+from eotfast.ops import solve
+from eotfast.ops.registry import resolve_backend
+from eotfast.ops.torch_backend import draw_from_log_weights
 
 __all__ = ["pair", "PAIR_METHODS", "SAMPLING_MODES"]
 
 PAIR_METHODS = ("sinkhorn", "exact", "emd", "random")
 SAMPLING_MODES = ("sample", "argmax")
-
-
-def _draw_from_rows(
-    log_weights: torch.Tensor, sampling: str, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One column per row of [..., n, m] unnormalized log-weights: drawn with probability
-    proportional to exp(log_weights) ("sample", by the Gumbel-max trick: argmax of
-    log_weights + Gumbel noise), or the most likely one ("argmax")."""
-    if sampling == "argmax":
-        return log_weights.argmax(dim=-1)
-    uniform = torch.rand(
-        log_weights.shape, generator=generator, dtype=log_weights.dtype, device=log_weights.device
-    )
-    # Clamp keeps log(0) out: the smallest normal float still yields a finite Gumbel draw.
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
-    return (log_weights + gumbel).argmax(dim=-1)
-
-
-def _draw_from_rows_triton(shifted_cost, result, sampling, generator) -> torch.Tensor:
-    """The Gumbel-max draw of :func:`_draw_from_rows` streamed by a Triton kernel, which never
-    forms the [n, m] weights; the seed is drawn on the device (no host read)."""
-    from eotfast._triton_ops import pair_sample_triton
-
-    batch_shape, (n, m) = shifted_cost.shape[:-2], shifted_cost.shape[-2:]
-    seed = torch.randint(2**62, (1,), generator=generator, device=shifted_cost.device)
-    partners = pair_sample_triton(
-        shifted_cost.reshape(-1, n, m).float().contiguous(),
-        result.g.reshape(-1, m).float().contiguous(),
-        result.epsilon.reshape(-1).float().contiguous(),
-        seed,
-        sampling == "sample",
-    )
-    return partners.reshape(*batch_shape, n)
 
 
 def _random_pairing(
@@ -94,8 +62,8 @@ def pair(
     reg, relative_reg, max_iter, tol
         Passed to :func:`eotfast.sinkhorn` (method "sinkhorn" only).
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
-        Sinkhorn backend (see :func:`eotfast.sinkhorn`). With "triton" the cost matrix and the
-        draws from the plan rows are Triton kernels too; with "cuda" the cost matrix is.
+        Backend of the cost matrix, the Sinkhorn solve and the draw from the plan rows (see
+        :func:`eotfast.sinkhorn` and eotfast.ops.registry).
     sampling : {"sample", "argmax"}
         How a target is taken from a plan row: drawn with the row's probabilities (the
         default: pairs follow the plan, as in OT conditional flow matching), or the row's most
@@ -138,14 +106,10 @@ def pair(
     if method == "exact":
         return assignment(cost)
     if method == "emd":
-        return _draw_from_rows(emd(cost).log(), sampling, generator)
+        return draw_from_log_weights(emd(cost).log(), sampling, generator)
 
     # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
-    result, shifted_cost, _ = _sinkhorn_on_shifted_cost(
+    result, shifted_cost, _ = solve.sinkhorn_on_shifted_cost(
         cost, None, None, reg, relative_reg, max_iter, tol, backend
     )
-    if backend == "triton":
-        return _draw_from_rows_triton(shifted_cost, result, sampling, generator)
-    # Row i of the plan is proportional to exp((g_j - C_ij) / eps): f_i is constant on the row.
-    log_weights = (result.g[..., None, :] - shifted_cost) / result.epsilon[..., None, None]
-    return _draw_from_rows(log_weights, sampling, generator)
+    return solve.draw_partners(shifted_cost, result, sampling, generator, backend)

@@ -3,9 +3,10 @@
 - ``cost_matrix``: batched squared Euclidean distances on ``tl.dot`` tiles.
 - ``sinkhorn``: log-domain Sinkhorn in one launch, each problem on one or several programs
   (grid barriers between them), each stopping on the device.
-- ``pair_sampling``: one partner per plan row (Gumbel-max or argmax) without forming the plan.
+- ``draw_partners``: one partner per plan row (Gumbel-max or argmax) without forming the plan.
 
-They are registered as torch ops in ``eotfast._triton_ops`` and reached through the public
-functions with ``backend="triton"``. Importing a module here imports triton: set
-``TRITON_INTERPRET=1`` before that to run the kernels on CPU tensors.
+Each module's ``launch_*`` function is registered as a torch op in
+``eotfast.ops.triton_backend`` and reached through the public functions with
+``backend="triton"``. Importing a module here imports triton: set ``TRITON_INTERPRET=1``
+before that to run the kernels on CPU tensors.
 """

@@ -1,7 +1,7 @@
 """Triton kernel: batched squared Euclidean cost matrix ||x_i - y_j||^2 on tensor-core tiles.
 
-Reference: :func:`eotfast.cost.cost_matrix` (torch, GEMM form) and POT's ``ot.dist``; test:
-tests/test_triton.py::test_cost_matrix_triton; bench: bench/bench_cost_matrix.py.
+Reference: :func:`eotfast.ops.torch_backend.cost_matrix` (GEMM form) and POT's ``ot.dist``;
+test: tests/test_cost_matrix.py (backend "triton"); bench: bench/bench_cost_matrix.py.
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ def cost_matrix_kernel(
     tl.store(out, cost, mask=row_mask[:, None] & col_mask[None, :])
 
 
-def cost_matrix_triton(
+def launch_cost_matrix(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    # 64 x 64 x 32: the tile of Triton's matmul tutorial, not tuned here (measured on an H100 at
+    # n = 1024, d = 3072, float32 "ieee" dots: 0.70 ms, 9.2 TFLOP/s of the CUDA cores' ~67).
     block_n: int = 64,
     block_m: int = 64,
     block_d: int = 32,

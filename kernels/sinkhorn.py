@@ -1,13 +1,14 @@
 """Triton kernel: batched log-domain Sinkhorn with per-problem stopping decided on the device.
 
 Iterates as POT's ``ot.bregman.sinkhorn_log`` and the torch reference
-:func:`eotfast.sinkhorn.sinkhorn_reference`: from f = 0,
-``g_j = eps (log b_j - LSE_i((f_i - C_ij) / eps))`` then
-``f_i = eps (log a_i - LSE_j((g_j - C_ij) / eps))``; a problem stops once
-``||P^T 1 - b||_2 < tol`` for P = exp((f + g - C) / eps) (rows exact after the f update).
+:func:`eotfast.ops.torch_backend.sinkhorn_reference`: from f = 0,
+``g_j = epsilon (log b_j - LSE_i((f_i - C_ij) / epsilon))`` then
+``f_i = epsilon (log a_i - LSE_j((g_j - C_ij) / epsilon))``; a problem stops once
+``||P^T 1 - b||_2 < tol`` for P = exp((f + g - C) / epsilon) (rows exact after the f update).
 
 The error costs no extra sweep: the column log-sum-exp that updates g also gives the column
-masses of the current plan, ``exp(g_j / eps + LSE_i((f_i - C_ij) / eps))``. So each round
+masses of the current plan, ``exp(g_j / epsilon + LSE_i((f_i - C_ij) / epsilon))``. So each
+round
 starts with the column sweep, which measures the plan (f, g) of the previous round and writes
 the new g to ``g_next``; only if that plan misses ``tol`` does the round go on with the row
 sweep (f from g_next), set g = g_next and count.
@@ -28,9 +29,10 @@ overwrite): Triton orders only its own shared-memory traffic, and two accesses t
 come from different warps whenever the two tensors have different layouts (a column slice of
 a 2D tile against a 1D range). tests/test_triton_compile.py checks this on the compiled code.
 
-Reference: :func:`eotfast.sinkhorn.sinkhorn_reference`; tests: tests/test_triton.py (POT and
-the reference, under TRITON_INTERPRET=1 on the CPU), tests/test_triton_compile.py (the real
-compiler for sm_80 / sm_90, barriers in the PTX); bench: bench/bench_sinkhorn.py.
+Reference: :func:`eotfast.ops.torch_backend.sinkhorn_reference`; tests: tests/test_sinkhorn.py
+(POT and the reference, every backend, under TRITON_INTERPRET=1 on the CPU), tests/test_triton.py
+(grid barriers, on a GPU), tests/test_triton_compile.py (the real compiler for sm_80 / sm_90,
+barriers); bench: bench/bench_sinkhorn.py.
 """
 
 from __future__ import annotations
@@ -62,9 +64,17 @@ def _online_logsumexp_step(running_max, running_sum, z, AXIS: tl.constexpr):
 
 @triton.jit
 def _column_logsumexp(
-    cost_ptr, f_ptr, cols, col_mask, n, m, inv_eps2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+    cost_ptr,
+    f_ptr,
+    cols,
+    col_mask,
+    n,
+    m,
+    inv_epsilon2,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    """LSE_i((f_i - C_ij) / eps) for a block of columns, in natural-log units [BLOCK_M]."""
+    """LSE_i((f_i - C_ij) / epsilon) for a block of columns, in natural-log units [BLOCK_M]."""
     running_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_M,), tl.float32)
     for i0 in range(0, n, BLOCK_N):
@@ -72,16 +82,16 @@ def _column_logsumexp(
         row_mask = rows < n
         cost, mask = load_cost_tile(cost_ptr, rows, row_mask, cols, col_mask, m)
         f = tl.load(f_ptr + rows, mask=row_mask, other=0.0)
-        z = tl.where(mask, (f[:, None] - cost) * inv_eps2, float("-inf"))  # base-2 units
+        z = tl.where(mask, (f[:, None] - cost) * inv_epsilon2, float("-inf"))  # base-2 units
         running_max, running_sum = _online_logsumexp_step(running_max, running_sum, z, 0)
     return (running_max + tl.log2(running_sum)) * LN2
 
 
 @triton.jit
 def _row_logsumexp(
-    cost_ptr, g_ptr, rows, row_mask, m, inv_eps2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+    cost_ptr, g_ptr, rows, row_mask, m, inv_epsilon2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
 ):
-    """LSE_j((g_j - C_ij) / eps) for a block of rows, in natural-log units [BLOCK_N]."""
+    """LSE_j((g_j - C_ij) / epsilon) for a block of rows, in natural-log units [BLOCK_N]."""
     running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_N,), tl.float32)
     for j0 in range(0, m, BLOCK_M):
@@ -89,7 +99,7 @@ def _row_logsumexp(
         col_mask = cols < m
         cost, mask = load_cost_tile(cost_ptr, rows, row_mask, cols, col_mask, m)
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
-        z = tl.where(mask, (g[None, :] - cost) * inv_eps2, float("-inf"))
+        z = tl.where(mask, (g[None, :] - cost) * inv_epsilon2, float("-inf"))
         running_max, running_sum = _online_logsumexp_step(running_max, running_sum, z, 1)
     return (running_max + tl.log2(running_sum)) * LN2
 
@@ -97,7 +107,7 @@ def _row_logsumexp(
 @triton.jit
 def _column_sweep(
     cost_ptr, b_ptr, f_ptr, g_ptr, g_next_ptr, program, programs, column_blocks, n, m,
-    epsilon, inv_eps2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    epsilon, inv_epsilon2, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """Over this program's column blocks: the new g (stored at g_next_ptr) and the squared
     column violation of the plan (f, g), returned."""
@@ -105,7 +115,9 @@ def _column_sweep(
     for block in range(program, column_blocks, programs):
         cols = block * BLOCK_M + tl.arange(0, BLOCK_M)
         col_mask = cols < m
-        lse = _column_logsumexp(cost_ptr, f_ptr, cols, col_mask, n, m, inv_eps2, BLOCK_N, BLOCK_M)
+        lse = _column_logsumexp(
+            cost_ptr, f_ptr, cols, col_mask, n, m, inv_epsilon2, BLOCK_N, BLOCK_M
+        )
         b = tl.load(b_ptr + cols, mask=col_mask, other=1.0)
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
         mass = tl.exp2((g / epsilon + lse) * LOG2E)
@@ -116,14 +128,14 @@ def _column_sweep(
 
 @triton.jit
 def _row_sweep(
-    cost_ptr, a_ptr, f_ptr, g_ptr, program, programs, row_blocks, n, m, epsilon, inv_eps2,
+    cost_ptr, a_ptr, f_ptr, g_ptr, program, programs, row_blocks, n, m, epsilon, inv_epsilon2,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """f from g over this program's row blocks (none when row_blocks is 0)."""
     for block in range(program, row_blocks, programs):
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n
-        lse = _row_logsumexp(cost_ptr, g_ptr, rows, row_mask, m, inv_eps2, BLOCK_N, BLOCK_M)
+        lse = _row_logsumexp(cost_ptr, g_ptr, rows, row_mask, m, inv_epsilon2, BLOCK_N, BLOCK_M)
         a = tl.load(a_ptr + rows, mask=row_mask, other=1.0)
         tl.store(f_ptr + rows, epsilon * (tl.log(a) - lse), mask=row_mask)
 
@@ -158,7 +170,7 @@ def _sync_programs(arrivals_ptr, programs, generation, COOPERATIVE: tl.constexpr
 
 
 @triton.jit
-def sinkhorn_log_kernel(
+def sinkhorn_kernel(
     cost_ptr, a_ptr, b_ptr, epsilon_ptr,  # [B, n, m], [B, n], [B, m], [B] float32
     f_ptr, g_ptr,                         # [B, n], [B, m] float32 outputs
     g_next_ptr,                           # [B, m] float32 scratch: g of the round under way
@@ -180,7 +192,7 @@ def sinkhorn_log_kernel(
     partial_ptr += problem * programs
     arrivals_ptr += problem
     epsilon = tl.load(epsilon_ptr + problem).to(tl.float32)
-    inv_eps2 = LOG2E / epsilon
+    inv_epsilon2 = LOG2E / epsilon
     row_blocks = tl.cdiv(n, BLOCK_N)
     column_blocks = tl.cdiv(m, BLOCK_M)
 
@@ -202,7 +214,7 @@ def sinkhorn_log_kernel(
         # previous round.
         squared = _column_sweep(
             cost_ptr, b_ptr, f_ptr, g_ptr, g_next_ptr, program, programs, column_blocks, n, m,
-            epsilon, inv_eps2, BLOCK_N, BLOCK_M,
+            epsilon, inv_epsilon2, BLOCK_N, BLOCK_M,
         )  # fmt: skip
         tl.store(partial_ptr + program, squared)
         generation += 1
@@ -221,7 +233,7 @@ def sinkhorn_log_kernel(
         kept_row_blocks = tl.where(update, row_blocks, 0)
         kept_column_blocks = tl.where(update, column_blocks, 0)
         _row_sweep(cost_ptr, a_ptr, f_ptr, g_next_ptr, program, programs, kept_row_blocks,
-                   n, m, epsilon, inv_eps2, BLOCK_N, BLOCK_M)  # fmt: skip
+                   n, m, epsilon, inv_epsilon2, BLOCK_N, BLOCK_M)  # fmt: skip
         _copy_columns(g_next_ptr, g_ptr, program, programs, kept_column_blocks, m, BLOCK_M)
         iteration += update.to(tl.int32)
         proceed = update
@@ -250,24 +262,22 @@ def programs_per_problem(batch: int, n: int, m: int, device: torch.device, block
     return max(1, min(blocks, sms // batch))
 
 
-# Below this many cost entries a problem is solved by one program: see programs_per_problem.
+# Below this many cost entries a problem is solved by one program. Measured on an H100
+# (bench/tune_sinkhorn_triton.py): at n = m = 64 one program takes 0.79 ms, two 1.5 ms; at
+# n = m = 256, one 9.4 ms, four 4.1 ms. 128^2 lies between the two; it was not measured. The
+# batch rule (one program per problem once 2 B > SMs) is not measured either: past it the
+# batch alone keeps half the SMs busy.
 SMALL_PROBLEM_ENTRIES = 128 * 128
 
 
-def sinkhorn_log(
-    cost: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    epsilon: torch.Tensor,
-    max_iter: int,
-    tol: float,
-    *,
+def launch_sinkhorn(
+    cost, a, b, epsilon, max_iter: int, tol: float, *,
     programs: int | None = None,
-    block_n: int = 64,
-    block_m: int = 64,
+    block_n: int = 64,  # 64 x 64 blocks: within 3-30% of the best of 5 block shapes at every
+    block_m: int = 64,  # size of the H100 sweep (bench/README.md); 128 x 32 led at n >= 256
     num_warps: int = 8,
-):
-    """Launcher of :func:`sinkhorn_log_kernel` on contiguous float32 [B, n, m] problems (a [B, n],
+):  # fmt: skip
+    """Launcher of :func:`sinkhorn_kernel` on contiguous float32 [B, n, m] problems (a [B, n],
     b [B, m], epsilon [B]); one launch whatever the convergence. ``programs`` per problem
     defaults to :func:`programs_per_problem`. Returns (f, g, n_iter, marginal_error) as the
     torch reference does."""
@@ -293,7 +303,7 @@ def sinkhorn_log(
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=device)
     n_iter = torch.empty((batch,), dtype=torch.int64, device=device)
     error = torch.empty((batch,), dtype=torch.float32, device=device)
-    launch(sinkhorn_log_kernel, (batch, programs), device)(
+    launch(sinkhorn_kernel, (batch, programs), device)(
         cost, a, b, epsilon, f, g, g_next, partial, arrivals, n_iter, error,
         n, m, max_iter, tol, programs,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(programs),

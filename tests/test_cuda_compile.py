@@ -1,9 +1,9 @@
 """The CUDA kernels (csrc/cuda) compile for A100 and H100 without spills or excess shared memory.
 
 The CI machines have no GPU, so nothing there runs the kernels; ptxas's report (-Xptxas -v) is
-the only way to see register spills and shared memory there. The module compiles
-csrc/cuda/sinkhorn_cuda.cu with the flags CMakeLists.txt gives the _cuda target, for sm_80 and
-sm_90, parses the report per kernel and architecture and prints it as a table (pytest -s).
+the only way to see register spills and shared memory there. The module compiles every kernel
+source of csrc/cuda with the flags CMakeLists.txt gives the _cuda target, for sm_80 and sm_90,
+parses the report per kernel and architecture and prints it as a table (pytest -s).
 Skipped without nvcc.
 """
 
@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "sinkhorn_cuda.cu"
+SOURCES = (
+    ROOT / "csrc" / "cuda" / "cost_matrix_cuda.cu",
+    ROOT / "csrc" / "cuda" / "sinkhorn_cuda.cu",
+)
 ARCHS = ("sm_80", "sm_90")
 # The options CMakeLists.txt gives the _cuda target (C++17, -O3 --use_fast_math), plus ptxas's
 # report.
@@ -28,7 +31,7 @@ KERNELS = {
     "cost_matrix_kernel<float>": "cost_matrix_kernelIfE",
     "cost_matrix_kernel<__half>": "cost_matrix_kernelI6__halfE",
     "cost_matrix_kernel<__nv_bfloat16>": "cost_matrix_kernelI13__nv_bfloat16E",
-    "sinkhorn_log_kernel": "sinkhorn_log_kernelE",
+    "sinkhorn_kernel": "sinkhorn_kernelE",
 }
 # Static __shared__ arrays are limited to 48 KiB per block on every architecture; more needs
 # dynamic shared memory and cudaFuncSetAttribute, which the launchers do not do.
@@ -134,18 +137,19 @@ def format_table(reports: list[KernelReport]) -> str:
 def reports(tmp_path_factory) -> list[KernelReport]:
     out_dir = tmp_path_factory.mktemp("cuda_compile")
     reports: list[KernelReport] = []
-    for arch in ARCHS:
-        output = out_dir / f"sinkhorn_cuda_{arch}.o"
-        command = [NVCC, "-c", str(SOURCE), "-o", str(output), f"-arch={arch}", *FLAGS]
-        command += ["-I", str(ROOT / "csrc")]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        assert result.returncode == 0, (
-            f"nvcc failed for {arch} (exit {result.returncode}):\n{' '.join(command)}\n"
-            f"{result.stdout}{result.stderr}"
-        )
-        # ptxas writes its report to stderr (stdout on some versions): read both.
-        reports += parse_ptxas_report(result.stdout + result.stderr)
-    print(f"\nptxas report for {SOURCE.relative_to(ROOT)} ({NVCC}):\n{format_table(reports)}")
+    for source in SOURCES:
+        for arch in ARCHS:
+            output = out_dir / f"{source.stem}_{arch}.o"
+            command = [NVCC, "-c", str(source), "-o", str(output), f"-arch={arch}", *FLAGS]
+            command += ["-I", str(ROOT / "csrc")]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            assert result.returncode == 0, (
+                f"nvcc failed for {arch} (exit {result.returncode}):\n{' '.join(command)}\n"
+                f"{result.stdout}{result.stderr}"
+            )
+            # ptxas writes its report to stderr (stdout on some versions): read both.
+            reports += parse_ptxas_report(result.stdout + result.stderr)
+    print(f"\nptxas report for csrc/cuda ({NVCC}):\n{format_table(reports)}")
     return reports
 
 

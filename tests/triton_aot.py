@@ -57,7 +57,7 @@ def _meta(*shape, dtype=torch.float32):
 def captured_launches() -> list[dict]:
     """Every configuration our launchers use, as recorded launches: name, kernel, args,
     kwargs. Each launcher calls ``launch(kernel, grid, device)(*args, **kwargs)``."""
-    from eotfast.kernels import _launch, cost_matrix, pair_sampling, sinkhorn
+    from eotfast.kernels import _launch, cost_matrix, draw_partners, sinkhorn
 
     records: list[dict] = []
     name = ""
@@ -68,7 +68,7 @@ def captured_launches() -> list[dict]:
 
         return record
 
-    modules = (_launch, cost_matrix, pair_sampling, sinkhorn)
+    modules = (_launch, cost_matrix, draw_partners, sinkhorn)
     saved = [module.launch for module in modules]
     for module in modules:
         module.launch = recorder
@@ -76,16 +76,16 @@ def captured_launches() -> list[dict]:
         for shape_name, (batch, n, m, d) in SHAPES.items():
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 name = f"cost_matrix {str(dtype).removeprefix('torch.')} {shape_name}"
-                cost_matrix.cost_matrix_triton(_meta(batch, n, d, dtype=dtype),
+                cost_matrix.launch_cost_matrix(_meta(batch, n, d, dtype=dtype),
                                                _meta(batch, m, d, dtype=dtype))  # fmt: skip
             cost, a, b, epsilon = _meta(batch, n, m), _meta(batch, n), _meta(batch, m), _meta(batch)
             for programs in (1, 4):  # one program per problem, or grid barriers between four
-                name = f"sinkhorn_log programs={programs} {shape_name}"
-                sinkhorn.sinkhorn_log(cost, a, b, epsilon, 1000, 1e-4, programs=programs)
+                name = f"sinkhorn programs={programs} {shape_name}"
+                sinkhorn.launch_sinkhorn(cost, a, b, epsilon, 1000, 1e-4, programs=programs)
             seed = _meta(1, dtype=torch.int64)
             for sample in (True, False):
-                name = f"pair_sample {'sample' if sample else 'argmax'} {shape_name}"
-                pair_sampling.pair_sample_triton(cost, b, epsilon, seed, sample)
+                name = f"draw_partners {'sample' if sample else 'argmax'} {shape_name}"
+                draw_partners.launch_draw_partners(cost, b, epsilon, seed, sample)
     finally:
         for module, launch in zip(modules, saved, strict=True):
             module.launch = launch

@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "sinkhorn_cuda.h"
+#include "launchers.h"
 
 namespace py = pybind11;
 using eotfast::cuda::ElementType;
@@ -57,15 +57,16 @@ void cost_matrix(std::uintptr_t x, std::uintptr_t y, std::uintptr_t out, int ele
   raise_launch_error();
 }
 
-void sinkhorn_log(std::uintptr_t cost, std::uintptr_t a, std::uintptr_t b, std::uintptr_t eps,
-                  std::uintptr_t f, std::uintptr_t g, std::uintptr_t g_next,
-                  std::uintptr_t n_iter, std::uintptr_t marginal_error, int64_t batch, int64_t n,
-                  int64_t m, int64_t max_iter, double tol, std::uintptr_t stream) {
+void sinkhorn(std::uintptr_t cost, std::uintptr_t a, std::uintptr_t b,
+                  std::uintptr_t epsilon, std::uintptr_t f, std::uintptr_t g,
+                  std::uintptr_t g_next, std::uintptr_t n_iter, std::uintptr_t marginal_error,
+                  int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol,
+                  std::uintptr_t stream) {
   require_device();
   check_sizes(batch, n, m);
   if (max_iter < 1) throw std::invalid_argument("max_iter must be >= 1");
-  eotfast::cuda::sinkhorn_log(ptr<const float>(cost), ptr<const float>(a), ptr<const float>(b),
-                              ptr<const float>(eps), ptr<float>(f), ptr<float>(g),
+  eotfast::cuda::sinkhorn(ptr<const float>(cost), ptr<const float>(a), ptr<const float>(b),
+                              ptr<const float>(epsilon), ptr<float>(f), ptr<float>(g),
                               ptr<float>(g_next), ptr<int64_t>(n_iter),
                               ptr<float>(marginal_error), batch, n, m, max_iter,
                               static_cast<float>(tol), ptr<void>(stream));
@@ -81,8 +82,8 @@ PYBIND11_MODULE(_cuda, module) {
   module.def("cost_matrix", &cost_matrix, py::arg("x"), py::arg("y"), py::arg("out"),
              py::arg("element_type"), py::arg("batch"), py::arg("n"), py::arg("m"),
              py::arg("d"), py::arg("stream"));
-  module.def("sinkhorn_log_float32", &sinkhorn_log, py::arg("cost"), py::arg("a"),
-             py::arg("b"), py::arg("eps"), py::arg("f"), py::arg("g"), py::arg("g_next"),
+  module.def("sinkhorn_float32", &sinkhorn, py::arg("cost"), py::arg("a"),
+             py::arg("b"), py::arg("epsilon"), py::arg("f"), py::arg("g"), py::arg("g_next"),
              py::arg("n_iter"), py::arg("marginal_error"), py::arg("batch"), py::arg("n"),
              py::arg("m"), py::arg("max_iter"), py::arg("tol"), py::arg("stream"));
 }

@@ -1,4 +1,4 @@
-"""The CUDA kernels of csrc/cuda (module eotfast._cuda) registered as torch ops.
+"""Backend 'cuda': the CUDA kernels of csrc/cuda (module eotfast._cuda) registered as torch ops.
 
 Each op launches on the caller's current stream (its handle goes to C++ with the data
 pointers) and returns without synchronizing; fake implementations give torch.compile the
@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 from torch.library import custom_op
 
-from eotfast._backends import require_cuda_extension
-from eotfast.sinkhorn import _empty_solution
+from eotfast.ops import torch_backend
+from eotfast.ops.common import empty_sinkhorn_solution, register_sinkhorn_op, solve_in_float32
+from eotfast.ops.extensions import require_cuda_extension
+
+__all__ = ["cost_matrix", "cost_matrix_cuda", "draw_partners", "sinkhorn", "sinkhorn_cuda"]
 
 _ELEMENT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -47,15 +50,7 @@ def _(x, y):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
 
 
-@custom_op("eotfast::sinkhorn_cuda", mutates_args=(), device_types="cuda")
-def sinkhorn_cuda(
-    cost: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    epsilon: torch.Tensor,
-    max_iter: int,
-    tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
     """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
     iterations in one launch."""
     extension = require_cuda_extension()
@@ -64,10 +59,10 @@ def sinkhorn_cuda(
             raise TypeError(f"sinkhorn_cuda: {name} must be float32, got {tensor.dtype}")
     cost, a, b, epsilon = (t.contiguous() for t in (cost, a, b, epsilon))
     batch, n, m = cost.shape
-    f, g, n_iter, error = _empty_solution(cost, a, b, epsilon, max_iter, tol)
+    f, g, n_iter, error = empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol)
     g_next = torch.empty_like(g)
     with torch.cuda.device(cost.device):
-        extension.sinkhorn_log_float32(
+        extension.sinkhorn_float32(
             cost.data_ptr(),
             a.data_ptr(),
             b.data_ptr(),
@@ -87,11 +82,15 @@ def sinkhorn_cuda(
     return f, g, n_iter, error
 
 
-sinkhorn_cuda.register_fake(_empty_solution)
+sinkhorn_cuda = register_sinkhorn_op("cuda", _sinkhorn, device_types="cuda")
 
 
-def solve_sinkhorn_cuda(cost, a, b, epsilon, max_iter: int, tol: float):
-    """float32 throughout (the kernel's dtype); results in cost's dtype."""
-    inputs = [t.float() for t in (cost, a, b, epsilon)]
-    f, g, n_iter, error = sinkhorn_cuda(*inputs, max_iter, tol)
-    return f.to(cost.dtype), g.to(cost.dtype), n_iter, error.to(cost.dtype)
+sinkhorn = solve_in_float32(sinkhorn_cuda)
+draw_partners = torch_backend.draw_partners
+
+
+def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The kernel for float32 and half inputs; float64 stays exact in torch."""
+    if x.dtype == torch.float64:
+        return torch_backend.cost_matrix(x, y)
+    return cost_matrix_cuda(x, y)

@@ -1,0 +1,144 @@
+"""Pieces every backend's Sinkhorn op shares: the result type, the epsilon rule, the
+documented fake (output allocator), value checks, marginal broadcasting and the float32 round
+trip of the GPU kernels. Nothing here imports a backend."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from eotfast._validation import (
+    check_finite_values,
+    check_marginal_values,
+    check_same_device,
+    check_tensor,
+)
+
+__all__ = [
+    "SOLVER_DTYPES",
+    "SinkhornResult",
+    "broadcast_marginal",
+    "check_solver_values",
+    "empty_sinkhorn_solution",
+    "epsilon_from_reg",
+    "register_sinkhorn_op",
+    "solve_in_float32",
+]
+
+# The dtypes a Sinkhorn op solves in; others (float16, bfloat16) are solved in float32.
+SOLVER_DTYPES = (torch.float32, torch.float64)
+
+
+class SinkhornResult(NamedTuple):
+    """Output of :func:`eotfast.sinkhorn`; leading dimensions are those of the cost matrix.
+
+    The plan is not stored (it is as large as the cost); :meth:`plan` and :meth:`log_plan`
+    rebuild it from the potentials.
+    """
+
+    f: torch.Tensor  # [..., n] row (source) potential, in cost units
+    g: torch.Tensor  # [..., m] column (target) potential, in cost units
+    epsilon: torch.Tensor  # [...] absolute regularization used (reg * std(cost) by default)
+    n_iter: torch.Tensor  # [...] int64, iterations done (g update + f update each)
+    marginal_error: torch.Tensor  # [...] ||P^T 1 - b||_2 of the returned plan (rows exact)
+
+    def log_plan(self, cost: torch.Tensor) -> torch.Tensor:
+        """log P = (f_i + g_j - C_ij) / epsilon, shape [..., n, m]."""
+        epsilon = self.epsilon[..., None, None]
+        return (self.f[..., :, None] + self.g[..., None, :] - cost) / epsilon
+
+    def plan(self, cost: torch.Tensor) -> torch.Tensor:
+        """The transport plan P, shape [..., n, m]; rows sum to a, columns to b up to the error."""
+        return self.log_plan(cost).exp()
+
+
+def epsilon_from_reg(cost: torch.Tensor, reg: float, relative_reg: bool) -> torch.Tensor:
+    """Absolute epsilon per problem, shape cost.shape[:-2].
+
+    Relative (default): epsilon = reg * std(cost) over each problem's n x m entries, the
+    convention of OTT-JAX. Raw image costs (d = 3072 and up) are in the thousands and tightly
+    concentrated, so an absolute reg such as 0.05 is tiny next to their spread; measured here,
+    that setting makes non-log Sinkhorn underflow to a uniform plan. A problem whose costs are
+    all equal (std 0) gets epsilon = reg: every plan is optimal for it.
+    """
+    batch_shape = cost.shape[:-2]
+    if not relative_reg:
+        return torch.full(batch_shape, reg, dtype=cost.dtype, device=cost.device)
+    std = cost.flatten(-2).std(dim=-1, correction=0)
+    return reg * torch.where(std > 0, std, torch.ones_like(std))
+
+
+def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol):
+    """Outputs of a Sinkhorn op on [B, n, m] problems, unfilled: f [B, n], g [B, m] and the
+    error [B] in cost's dtype, n_iter [B] int64. The fake of every Sinkhorn op whose outputs
+    follow cost's dtype, and the allocator of the C++ one."""
+    batch, n, m = cost.shape
+    return (
+        cost.new_empty(batch, n),
+        cost.new_empty(batch, m),
+        cost.new_empty(batch, dtype=torch.int64),
+        cost.new_empty(batch),
+    )
+
+
+# The one schema of every backend's Sinkhorn op: cost [B, n, m], a [B, n], b [B, m], epsilon [B]
+# -> f [B, n], g [B, m], n_iter [B] int64, marginal_error [B].
+SINKHORN_SCHEMA = (
+    "(Tensor cost, Tensor a, Tensor b, Tensor epsilon, int max_iter, float tol)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def register_sinkhorn_op(
+    backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
+):
+    """Registers ``solve(cost, a, b, epsilon, max_iter, tol)`` as eotfast::sinkhorn_<backend>
+    with the one schema and its fake: a ``triton_op`` for Triton launches (torch.compile then
+    sees the kernel), else a ``custom_op`` (opaque to torch.compile: tracing would unroll up to
+    max_iter iterations into the graph)."""
+    name = f"eotfast::sinkhorn_{backend}"
+    if triton:
+        op = torch.library.triton_op(name, solve, mutates_args=(), schema=SINKHORN_SCHEMA)
+    else:
+        op = torch.library.custom_op(
+            name, solve, mutates_args=(), device_types=device_types, schema=SINKHORN_SCHEMA
+        )
+    op.register_fake(fake)
+    return op
+
+
+def check_solver_values(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Finite cost, valid marginals: called inside the ops, so that compiled callers get the
+    same errors as eager ones (values are read only where that costs no device sync)."""
+    check_finite_values("cost", cost)
+    check_marginal_values(a, b)
+
+
+def broadcast_marginal(
+    name: str, marginal: torch.Tensor | None, batch_shape: torch.Size, size: int, cost: torch.Tensor
+) -> torch.Tensor:
+    """The marginal as a [B, size] tensor of cost's dtype; uniform when None."""
+    batch = batch_shape.numel()
+    if marginal is None:
+        return torch.full((batch, size), 1.0 / size, dtype=cost.dtype, device=cost.device)
+    check_tensor(name, marginal, min_dim=1)
+    check_same_device(cost=cost, **{name: marginal})
+    if marginal.shape[-1] != size or marginal.shape[:-1] not in (torch.Size(), batch_shape):
+        raise ValueError(
+            f"{name} must have shape ({size},) or {(*batch_shape, size)} to match cost of shape "
+            f"{(*batch_shape, *cost.shape[-2:])}, got {tuple(marginal.shape)}"
+        )
+    return marginal.to(cost.dtype).expand(*batch_shape, size).reshape(batch, size)
+
+
+def solve_in_float32(op):
+    """A Sinkhorn solve through a float32-only op (the GPU kernels): inputs cast to contiguous
+    float32, potentials and error returned in cost's dtype."""
+
+    def solve(cost, a, b, epsilon, max_iter: int, tol: float):
+        inputs = [t.float().contiguous() for t in (cost, a, b, epsilon)]
+        f, g, n_iter, error = op(*inputs, max_iter, tol)
+        return f.to(cost.dtype), g.to(cost.dtype), n_iter, error.to(cost.dtype)
+
+    return solve

@@ -1,0 +1,71 @@
+"""From the public functions to a backend's op: argument checks, the shifted Sinkhorn solve,
+batch flattening, and the dispatch through the registry (eotfast.ops.registry)."""
+
+from __future__ import annotations
+
+import torch
+
+from eotfast._validation import check_positive, check_tensor
+from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
+from eotfast.ops.registry import backend_ops, resolve_backend
+
+__all__ = ["cost_matrix", "draw_partners", "sinkhorn_on_shifted_cost"]
+
+
+def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
+    """[..., n, d] x [..., m, d] (leading dimensions broadcast) -> [..., n, m] by the resolved
+    backend's cost_matrix on the flattened [B, n, d] batches."""
+    batch_shape = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    (n, d), m = x.shape[-2:], y.shape[-2]
+    x = x.expand(*batch_shape, n, d).reshape(-1, n, d)  # [B, n, d]
+    y = y.expand(*batch_shape, m, d).reshape(-1, m, d)  # [B, m, d]
+    return backend_ops(backend).cost_matrix(x, y).reshape(*batch_shape, n, m)
+
+
+def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backend):
+    """Solves on cost - min(cost) per problem; returns (result for the shifted cost, shifted
+    cost, offset). The shift leaves the plan and f unchanged and lowers g by the offset
+    (iterate by iterate, so POT's sequence is kept). It matters in float32: image costs sit
+    around 2000, where a float32 step is 1.2e-4, so potentials of that size hold the marginal
+    error above ~1e-4 at epsilon = 1e-3 * std; shifted, the potentials are ~20x smaller and the
+    error goes below 1e-5 (measured, d = 3072, n = 64)."""
+    check_tensor("cost", cost, min_dim=2)
+    reg = check_positive("reg", reg)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    # The solvers are not differentiable (no autograd formula is registered): work on detached
+    # inputs, so the outputs say so instead of failing in backward.
+    cost = cost.detach()
+    if cost.dtype not in SOLVER_DTYPES:
+        cost = cost.float()
+    backend = resolve_backend(backend, cost.device)
+    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
+    a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
+    b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
+    epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
+    offset = cost.amin(dim=(-2, -1))  # [...]
+    shifted_cost = cost - offset[..., None, None]  # [..., n, m]
+    f, g, n_iter, error = backend_ops(backend).sinkhorn(
+        shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol)
+    )
+    result = SinkhornResult(
+        f=f.reshape(*batch_shape, n),
+        g=g.reshape(*batch_shape, m),
+        epsilon=epsilon,
+        n_iter=n_iter.reshape(batch_shape),
+        marginal_error=error.reshape(batch_shape),
+    )
+    return result, shifted_cost, offset
+
+
+def draw_partners(cost, result: SinkhornResult, sampling: str, generator, backend: str):
+    """A partner per row of [..., n, m] from the plan of ``result`` (potentials solved on this
+    same cost) by the backend's row draw."""
+    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
+    partners = backend_ops(backend).draw_partners(
+        cost.reshape(-1, n, m), result.g.reshape(-1, m), result.epsilon.reshape(-1),
+        sampling, generator,
+    )  # fmt: skip
+    return partners.reshape(*batch_shape, n)

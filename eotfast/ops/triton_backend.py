@@ -1,0 +1,129 @@
+"""Backend 'triton': the Triton kernels of eotfast.kernels registered as torch ops.
+
+``torch.library.triton_op`` + ``wrap_triton`` (in the launchers) let torch.compile see the
+kernels themselves: a compiled step that calls :func:`eotfast.pair` on a GPU has them inside
+its graph, with no graph break. Each op launches one kernel, whatever the number of Sinkhorn
+iterations (they run inside the kernel), so a compiled graph or a CUDA graph holds a fixed,
+small number of nodes. The ops and their fakes reject dtypes the kernels do not take.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from eotfast.kernels.cost_matrix import launch_cost_matrix
+from eotfast.kernels.draw_partners import launch_draw_partners
+from eotfast.kernels.sinkhorn import launch_sinkhorn
+from eotfast.ops import torch_backend
+from eotfast.ops.common import (
+    check_solver_values,
+    empty_sinkhorn_solution,
+    register_sinkhorn_op,
+    solve_in_float32,
+)
+
+__all__ = [
+    "cost_matrix",
+    "cost_matrix_triton",
+    "draw_partners",
+    "draw_partners_triton",
+    "sinkhorn",
+    "sinkhorn_triton",
+]
+
+_COST_MATRIX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Tensor) -> None:
+    """The kernels read each pointer with the dtype it was compiled for, and the fakes promise
+    the real outputs' dtypes: inputs of any other dtype are rejected by both, with the
+    argument's name."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in dtypes:
+            expected = " or ".join(str(dtype) for dtype in dtypes)
+            raise TypeError(f"{op}: {name} must be {expected}, got {tensor.dtype}")
+
+
+# ------------------------------------------------------------------------------- cost_matrix
+def _check_cost_matrix_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    _require_dtype("cost_matrix_triton", _COST_MATRIX_DTYPES, x=x, y=y)
+    if x.dtype != y.dtype:
+        raise TypeError(f"cost_matrix_triton: x and y must share a dtype, got {x.dtype}, {y.dtype}")
+
+
+@triton_op("eotfast::cost_matrix_triton", mutates_args=())
+def cost_matrix_triton(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] x [B, m, d] -> [B, n, m] float32 squared distances (kernels/cost_matrix.py)."""
+    _check_cost_matrix_inputs(x, y)
+    return launch_cost_matrix(x, y)
+
+
+@cost_matrix_triton.register_fake
+def _(x, y):
+    _check_cost_matrix_inputs(x, y)
+    return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
+
+
+def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The kernel for float32 and half inputs; float64 stays exact in torch."""
+    if x.dtype == torch.float64:
+        return torch_backend.cost_matrix(x, y)
+    return cost_matrix_triton(x, y)
+
+
+# ---------------------------------------------------------------------------------- sinkhorn
+def _check_sinkhorn_inputs(cost, a, b, epsilon) -> None:
+    _require_dtype("sinkhorn_triton", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
+
+
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
+    """One launch of kernels/sinkhorn.py on contiguous float32 [B, n, m] problems; every
+    problem runs to its own stop on the device."""
+    _check_sinkhorn_inputs(cost, a, b, epsilon)
+    return launch_sinkhorn(cost, a, b, epsilon, max_iter, tol)
+
+
+def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol):
+    _check_sinkhorn_inputs(cost, a, b, epsilon)  # float32 in: the outputs are float32 too
+    return empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol)
+
+
+sinkhorn_triton = register_sinkhorn_op("triton", _sinkhorn, _sinkhorn_fake, triton=True)
+_solve_in_float32 = solve_in_float32(sinkhorn_triton)
+
+
+def sinkhorn(cost, a, b, epsilon, max_iter: int, tol: float):
+    """float32 throughout (the kernel's dtype); results in cost's dtype."""
+    if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does
+        check_solver_values(cost, a, b)
+    return _solve_in_float32(cost, a, b, epsilon, max_iter, tol)
+
+
+# ----------------------------------------------------------------------------- draw_partners
+def _check_draw_partners_inputs(cost, g, epsilon, seed) -> None:
+    _require_dtype("draw_partners_triton", (torch.float32,), cost=cost, g=g, epsilon=epsilon)
+    _require_dtype("draw_partners_triton", (torch.int64,), seed=seed)
+
+
+@triton_op("eotfast::draw_partners_triton", mutates_args=())
+def draw_partners_triton(
+    cost: torch.Tensor, g: torch.Tensor, epsilon: torch.Tensor, seed: torch.Tensor, sample: bool
+) -> torch.Tensor:
+    """Partner per row of [B, n, m] from the plan's rows (kernels/draw_partners.py)."""
+    _check_draw_partners_inputs(cost, g, epsilon, seed)
+    return launch_draw_partners(cost, g, epsilon, seed, sample)
+
+
+@draw_partners_triton.register_fake
+def _(cost, g, epsilon, seed, sample):
+    _check_draw_partners_inputs(cost, g, epsilon, seed)
+    return cost.new_empty(cost.shape[:2], dtype=torch.int64)
+
+
+def draw_partners(cost, g, epsilon, sampling: str, generator) -> torch.Tensor:
+    """The row draw streamed by the kernel, which never forms the [n, m] weights; the Philox
+    seed is drawn on the device (no host read)."""
+    seed = torch.randint(2**62, (1,), generator=generator, device=cost.device)
+    inputs = [t.float().contiguous() for t in (cost, g, epsilon)]
+    return draw_partners_triton(*inputs, seed, sampling == "sample")
