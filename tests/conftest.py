@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,13 +10,47 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import eotfast
+sys.path.insert(0, str(Path(__file__).parent))  # for oracles.py, as the test files import it
 
-# Every backend the test machine can run on CPU tensors; the C++ one must be built (see
-# test_build.py), so a missing extension fails loudly instead of shrinking this list.
-CPU_BACKENDS = ["torch", "cpu"]
+from oracles import backend_device, marginals  # noqa: E402
+
+import eotfast  # noqa: E402
+from eotfast.ops.registry import BACKENDS  # noqa: E402
 
 
+# ----------------------------------------------------------------------------- backends
+def _backend_param(name: str):
+    device = backend_device(name)
+    runs = eotfast.available_backends(device)
+    marks = [pytest.mark.skipif(name not in runs, reason=f"backend {name} cannot run here")]
+    if name == "triton" and device.type == "cpu":
+        marks.append(pytest.mark.interpreter)
+    return pytest.param(name, marks=marks, id=name)
+
+
+# Every backend of the registry: torch and cpu everywhere, triton under the interpreter on a
+# machine without a GPU, cuda only with one. The C++ one must be built (test_build.py), so a
+# missing extension fails loudly there instead of silently skipping here.
+ALL_BACKENDS = [_backend_param(name) for name in BACKENDS]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: the Triton interpreter on CPU tensors (slow: small sizes)"
+    )
+
+
+# ----------------------------------------------------------------------------- generators
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -22,15 +58,13 @@ def _seed():
 
 @pytest.fixture
 def random_problem():
-    """A random OT problem: cost [*batch, n, m] and marginals (uniform when uniform=True)."""
+    """A random OT problem: cost [*batch, n, m] and marginals (None, None when uniform)."""
 
     def make(batch=(), n=7, m=5, dtype=torch.float64, uniform=True, scale=1.0):
         cost = scale * torch.rand(*batch, n, m, dtype=dtype)
         if uniform:
             return cost, None, None
-        a = torch.rand(*batch, n, dtype=dtype) + 0.1
-        b = torch.rand(*batch, m, dtype=dtype) + 0.1
-        return cost, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+        return (cost, *marginals(batch, n, m, dtype))
 
     return make
 
@@ -51,11 +85,3 @@ def clustered_domains():
         return domain(), domain()
 
     return make
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    return request.param
-
-
-assert eotfast  # imported for its op registrations

@@ -1,8 +1,10 @@
-"""Triton backend (kernels/) against POT, closed forms and the torch reference.
+"""What is specific to the Triton backend (kernels/): the programs-per-problem split of the
+Sinkhorn kernel, the ops' dtype checks and fakes, launch grids, the CPU error, and on a GPU:
+no host sync, CUDA graphs, torch.compile. The ops themselves are tested against POT on every
+backend in test_cost_matrix.py, test_sinkhorn.py and test_draw_partners.py.
 
 Without a GPU the kernels run through Triton's interpreter on CPU tensors (conftest.py sets
-TRITON_INTERPRET=1): sizes stay small because the interpreter is slow. With a GPU the same
-tests run on CUDA tensors, and the GPU-only tests at the end run too.
+TRITON_INTERPRET=1): sizes stay small because the interpreter is slow.
 """
 
 import os
@@ -13,9 +15,10 @@ import numpy as np
 import ot
 import pytest
 import torch
+from oracles import assert_partners_are_row_maxima, marginals, pot_sinkhorn_log
 
 import eotfast
-from eotfast._backends import triton_runs_on
+from eotfast.ops.registry import triton_runs_on
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -23,131 +26,27 @@ pytestmark = pytest.mark.skipif(
 )
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# dtype of the points -> tolerance on the cost, relative to the largest cost. Half inputs are
-# compared with the float64 distances of the rounded inputs: products of halves are exact in
-# float32, so what remains is float32 accumulation (and TF32-free float32 dots: "ieee").
-COST_RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
-# Potentials after a fixed number of float32 iterations, relative to the largest cost.
-POTENTIAL_ATOL = 2e-4
 
+@requires_cuda
+@pytest.mark.parametrize("batch,n,m", [(1, 7, 5), (2, 33, 18), (3, 100, 70)])
+def test_sinkhorn_four_programs_per_problem_match_pot_on_cuda(batch, n, m):
+    # Four programs share each problem (grid barriers between the sweeps); 16 x 16 blocks,
+    # so that these odd shapes span several blocks in both directions.
+    from eotfast.kernels.sinkhorn import launch_sinkhorn
 
-@pytest.fixture(
-    params=[
-        "one_program",
-        pytest.param("four_programs", marks=requires_cuda),  # grid barriers: GPU only
-    ]
-)
-def sinkhorn_path(request):
-    """The Sinkhorn launcher with one program per problem (the only schedule the interpreter
-    can run), or four programs per problem meeting at grid barriers."""
-    from eotfast.kernels.sinkhorn import sinkhorn_log
-
-    programs = {"one_program": 1, "four_programs": 4}[request.param]
-    # Small blocks, so that the odd shapes below span several blocks in both directions.
-    return lambda *args: sinkhorn_log(*args, programs=programs, block_n=16, block_m=16)
-
-
-def marginals(batch, n, m, uniform, generator):
-    if uniform:
-        return torch.full((batch, n), 1 / n), torch.full((batch, m), 1 / m)
-    a = torch.rand(batch, n, generator=generator) + 0.1
-    b = torch.rand(batch, m, generator=generator) + 0.1
-    return a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
-
-
-@pytest.mark.parametrize("dtype", list(COST_RTOL))
-@pytest.mark.parametrize("batch,n,m,d", [(1, 5, 7, 3), (2, 33, 17, 70), (3, 16, 16, 64)])
-def test_cost_matrix_triton_matches_pot(dtype, batch, n, m, d):
-    from eotfast._triton_ops import cost_matrix_triton
-
-    x = torch.randn(batch, n, d).to(dtype)
-    y = torch.randn(batch, m, d).to(dtype)
-    cost = cost_matrix_triton(x.to(DEVICE), y.to(DEVICE)).cpu()
-    assert cost.dtype == torch.float32 and cost.shape == (batch, n, m)
-    for k in range(batch):
-        expected = ot.dist(x[k].double().numpy(), y[k].double().numpy())
-        np.testing.assert_allclose(
-            cost[k].double().numpy(), expected, rtol=0, atol=COST_RTOL[dtype] * expected.max()
-        )
-
-
-def test_cost_matrix_triton_long_features():
-    # d = 12300: beyond the largest image size of the trainer (64 x 64 x 3), not a multiple
-    # of the tile; broadcast leading dimensions through the public function.
-    x, y = torch.randn(2, 3, 12_300), torch.randn(1, 4, 12_300)
-    cost = eotfast.cost_matrix(x.to(DEVICE), y.to(DEVICE), backend="triton").cpu()
-    for k in range(2):
-        expected = ot.dist(x[k].double().numpy(), y[0].double().numpy())
-        np.testing.assert_allclose(cost[k].double().numpy(), expected, rtol=1e-5)
-
-
-@pytest.mark.parametrize("batch,n,m", [(1, 7, 5), (2, 33, 18)])
-@pytest.mark.parametrize("uniform", [True, False])
-def test_sinkhorn_triton_fixed_iterations_match_pot(sinkhorn_path, batch, n, m, uniform):
     generator = torch.Generator().manual_seed(1)
-    cost = torch.rand(batch, n, m, generator=generator) * 4
-    a, b = marginals(batch, n, m, uniform, generator)
-    epsilon = torch.linspace(0.2, 0.5, batch)
-    iters = 10
-    f, g, n_iter, error = (
-        t.cpu() for t in sinkhorn_path(*(t.to(DEVICE) for t in (cost, a, b, epsilon)), iters, 0.0)
-    )
-    assert (n_iter == iters).all()
+    cost = torch.rand(batch, n, m, generator=generator, dtype=torch.float64) * 4
+    a, b = marginals((batch,), n, m, generator=generator)
+    epsilon = torch.linspace(0.2, 0.5, batch, dtype=torch.float64)
+    inputs = [t.float().cuda() for t in (cost, a, b, epsilon)]
+    f, g, n_iter, _ = (t.cpu() for t in launch_sinkhorn(*inputs, 10, 0.0, programs=4,
+                                                        block_n=16, block_m=16))  # fmt: skip
+    assert (n_iter == 10).all()
     for k in range(batch):
-        plan, log = ot.bregman.sinkhorn_log(
-            a[k].double().numpy(),
-            b[k].double().numpy(),
-            cost[k].double().numpy(),
-            float(epsilon[k]),
-            numItermax=iters,
-            stopThr=0,
-            log=True,
-            warn=False,
-        )
-        atol = POTENTIAL_ATOL * float(cost[k].max())
-        np.testing.assert_allclose(
-            f[k].double().numpy(), float(epsilon[k]) * log["log_u"], atol=atol, rtol=0
-        )
-        np.testing.assert_allclose(
-            g[k].double().numpy(), float(epsilon[k]) * log["log_v"], atol=atol, rtol=0
-        )
-        # The reported error is that of the returned plan, measured here in float64.
-        column_error = np.linalg.norm(plan.sum(0) - b[k].double().numpy())
-        assert float(error[k]) == pytest.approx(column_error, rel=1e-3, abs=1e-6)
-
-
-def test_sinkhorn_triton_stops_per_problem(sinkhorn_path):
-    # Problem 0: nearly constant cost, the uniform start is almost optimal (a few
-    # iterations); problem 1: a spread-out cost at a small epsilon (many more).
-    generator = torch.Generator().manual_seed(2)
-    n, m, tol = 19, 21, 1e-5
-    cost = torch.stack(
-        [0.01 * torch.rand(n, m, generator=generator), 4 * torch.rand(n, m, generator=generator)]
-    )
-    a, b = marginals(2, n, m, uniform=False, generator=generator)
-    epsilon = torch.tensor([0.5, 0.1])
-    f, g, n_iter, error = (
-        t.cpu() for t in sinkhorn_path(*(t.to(DEVICE) for t in (cost, a, b, epsilon)), 2000, tol)
-    )
-    assert n_iter[0] < n_iter[1] < 2000, n_iter
-    assert (error < tol).all(), error
-    for k in range(2):  # check the claim independently: the plan's marginals in float64
-        plan = torch.exp(
-            (f[k, :, None].double() + g[k, None, :].double() - cost[k].double()) / float(epsilon[k])
-        )
-        assert torch.allclose(plan.sum(1), a[k].double(), atol=1e-5)
-        assert torch.linalg.vector_norm(plan.sum(0) - b[k].double()) < 1.5 * tol
-
-
-def test_sinkhorn_triton_agrees_with_torch_reference_on_batched_api():
-    generator = torch.Generator().manual_seed(3)
-    cost = torch.rand(3, 12, 9, generator=generator, dtype=torch.float64) * 100 + 50
-    ours = eotfast.sinkhorn(cost.to(DEVICE), reg=0.05, tol=1e-5, backend="triton")
-    reference = eotfast.sinkhorn(cost, reg=0.05, tol=1e-5, backend="torch")
-    assert ours.f.dtype == torch.float64  # solved in float32, returned in the input's dtype
-    assert (ours.n_iter.cpu() - reference.n_iter).abs().max() <= 2
-    assert (ours.marginal_error.cpu() < 1e-5).all()
-    assert torch.allclose(ours.plan(cost.to(DEVICE)).cpu(), reference.plan(cost), atol=2e-5)
+        _, f_pot, g_pot, _ = pot_sinkhorn_log(cost[k], a[k], b[k], float(epsilon[k]),
+                                              numItermax=10, stopThr=0)  # fmt: skip
+        np.testing.assert_allclose(f[k].double().numpy(), f_pot, atol=2e-4 * float(cost[k].max()))
+        np.testing.assert_allclose(g[k].double().numpy(), g_pot, atol=2e-4 * float(cost[k].max()))
 
 
 def test_sinkhorn_triton_small_epsilon_is_finite_and_near_exact():
@@ -164,71 +63,6 @@ def test_sinkhorn_triton_small_epsilon_is_finite_and_near_exact():
     assert float((plan * cost.cpu().double()).sum()) == pytest.approx(exact, rel=5e-3)
 
 
-def test_pair_sample_triton_frequencies_match_plan_rows():
-    # 4000 identical rows: each draw is independent (Philox counter per row), so the
-    # frequencies estimate the row's distribution softmax((g - C) / eps), a closed form.
-    from eotfast._triton_ops import pair_sample_triton
-
-    rows, m = 4000, 6
-    generator = torch.Generator().manual_seed(4)
-    row_cost = torch.rand(m, generator=generator)
-    cost = row_cost.expand(1, rows, m).contiguous()
-    g = torch.rand(1, m, generator=generator) * 0.5
-    epsilon = torch.tensor([0.3])
-    expected = torch.softmax((g[0] - row_cost) / epsilon, dim=0)
-    seed = torch.tensor([1234], device=DEVICE)
-    drawn = pair_sample_triton(cost.to(DEVICE), g.to(DEVICE), epsilon.to(DEVICE), seed, True).cpu()
-    frequencies = torch.bincount(drawn.flatten(), minlength=m).double() / rows
-    total_variation = 0.5 * (frequencies - expected.double()).abs().sum()
-    # Expected TV of 4000 draws over 6 outcomes is ~0.015; 0.04 leaves a wide margin yet
-    # fails for any bias of the size of one outcome's probability.
-    assert total_variation < 0.04, (frequencies, expected)
-
-
-def assert_partners_are_row_maxima(partners, x, y):
-    """Each partner has the largest plan weight of its row, up to float32 rounding, in the
-    torch reference's plan: ties may pick either column, so the indices are not compared."""
-    cost = eotfast.cost_matrix(x.double(), y.double())
-    result = eotfast.sinkhorn(cost, backend="torch", tol=1e-9, max_iter=5000)
-    log_weights = (result.g[..., None, :] - cost) / result.epsilon[..., None, None]
-    chosen = log_weights.gather(-1, partners.cpu()[..., None]).squeeze(-1)
-    best = log_weights.amax(-1)
-    assert (best - chosen <= 1e-3 * best.abs().clamp_min(1)).all(), (best - chosen).max()
-
-
-def test_pair_triton_end_to_end_matches_torch_backend():
-    x, y = torch.randn(2, 20, 50), torch.randn(2, 23, 50)
-    ours = eotfast.pair(x.to(DEVICE), y.to(DEVICE), backend="triton", sampling="argmax")
-    assert_partners_are_row_maxima(ours, x, y)
-
-    def draw(seed):
-        generator = torch.Generator(DEVICE).manual_seed(seed)
-        return eotfast.pair(x.to(DEVICE), y.to(DEVICE), backend="triton", generator=generator)
-
-    assert torch.equal(draw(5), draw(5))
-    assert not torch.equal(draw(5), draw(6))
-    assert draw(5).shape == (2, 20) and draw(5).dtype == torch.int64
-
-
-def test_triton_ops_pass_opcheck():
-    from eotfast import _triton_ops
-
-    x, y = torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 6, 8, device=DEVICE)
-    cost = torch.rand(2, 5, 6, device=DEVICE)
-    a, b = torch.full((2, 5), 0.2, device=DEVICE), torch.full((2, 6), 1 / 6, device=DEVICE)
-    epsilon = torch.tensor([0.3, 0.4], device=DEVICE)
-    seed = torch.tensor([7], device=DEVICE)
-    # The kernels' outputs are not differentiable; opcheck tests schema and fake tensors.
-    tests = ("test_schema", "test_faketensor")
-    torch.library.opcheck(_triton_ops.cost_matrix_triton, (x, y), test_utils=tests)
-    torch.library.opcheck(
-        _triton_ops.sinkhorn_triton, (cost, a, b, epsilon, 5, 0.0), test_utils=tests
-    )
-    torch.library.opcheck(
-        _triton_ops.pair_sample_triton, (cost, b, epsilon, seed, True), test_utils=tests
-    )
-
-
 def test_sinkhorn_triton_stops_inside_one_launch_whatever_max_iter():
     # One launch runs every round: a problem that converges in a few iterations returns
     # after them even with max_iter = 10^6 (the interpreter would take hours for 10^6 rounds).
@@ -242,7 +76,7 @@ def test_sinkhorn_triton_stops_inside_one_launch_whatever_max_iter():
     [
         ("sinkhorn_triton", ("float64", "a"), "a"),
         ("sinkhorn_triton", ("float64", "cost"), "cost"),
-        ("pair_sample_triton", ("float16", "g"), "g"),
+        ("draw_partners_triton", ("float16", "g"), "g"),
         ("cost_matrix_triton", ("float64", "x"), "x"),
     ],
 )
@@ -251,7 +85,7 @@ def test_triton_ops_reject_dtypes_they_do_not_take_eager_and_fake(op, args, name
     # promise float32 / int64 outputs: both the op and its fake reject other dtypes.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from eotfast import _triton_ops
+    from eotfast.ops import triton_backend
 
     dtype, bad = getattr(torch, args[0]), args[1]
 
@@ -266,11 +100,11 @@ def test_triton_ops_reject_dtypes_they_do_not_take_eager_and_fake(op, args, name
         values[bad] = values[bad].to(dtype)
         if op == "sinkhorn_triton":
             return (values["cost"], values["a"], values["b"], values["epsilon"], 5, 0.0)
-        if op == "pair_sample_triton":
+        if op == "draw_partners_triton":
             return (values["cost"], values["g"], values["epsilon"], values["seed"], True)
         return (values["x"], values["x"].new_empty(2, 6, 8).normal_())
 
-    function = getattr(_triton_ops, op)
+    function = getattr(triton_backend, op)
     with pytest.raises(TypeError, match=f"{name} must be"):
         function(*inputs())
     with FakeTensorMode() as mode, pytest.raises(TypeError, match=f"{name} must be"):
@@ -281,22 +115,22 @@ def test_triton_launches_put_the_batch_on_the_unbounded_grid_axis(monkeypatch):
     # CUDA allows 2^31 - 1 programs on grid axis 0 but 65535 on axes 1 and 2: a batch of
     # 100,000 problems must fit, and a grid over the limits must be refused with a message.
     from eotfast.kernels import _launch
-    from eotfast.kernels.cost_matrix import cost_matrix_triton
-    from eotfast.kernels.pair_sampling import pair_sample_triton
-    from eotfast.kernels.sinkhorn import sinkhorn_log
+    from eotfast.kernels.cost_matrix import launch_cost_matrix
+    from eotfast.kernels.draw_partners import launch_draw_partners
+    from eotfast.kernels.sinkhorn import launch_sinkhorn
 
     grids = []
     monkeypatch.setattr(_launch, "wrap_triton", lambda kernel: _GridRecorder(grids))
     batch = 100_000
     meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-    cost_matrix_triton(meta(batch, 3, 4), meta(batch, 5, 4))
-    sinkhorn_log(meta(batch, 3, 5), meta(batch, 3), meta(batch, 5), meta(batch), 10, 1e-4)
-    pair_sample_triton(
+    launch_cost_matrix(meta(batch, 3, 4), meta(batch, 5, 4))
+    launch_sinkhorn(meta(batch, 3, 5), meta(batch, 3), meta(batch, 5), meta(batch), 10, 1e-4)
+    launch_draw_partners(
         meta(batch, 3, 5), meta(batch, 5), meta(batch), meta(1, dtype=torch.int64), True
     )
     assert [grid[0] for grid in grids] == [batch] * 3, grids
     with pytest.raises(ValueError, match="exceeds the CUDA limits"):
-        pair_sample_triton(
+        launch_draw_partners(
             meta(1, 65536 * 32 + 1, 2), meta(1, 2), meta(1), meta(1, dtype=torch.int64), True
         )
 
@@ -361,7 +195,7 @@ def test_pair_triton_captures_in_cuda_graph():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    assert_partners_are_row_maxima(j, x.cpu(), y.cpu())
+    assert_partners_are_row_maxima(j.cpu(), x.cpu(), y.cpu())
 
 
 @requires_cuda
@@ -384,7 +218,7 @@ def test_sinkhorn_triton_programs_agree_and_repeat_bitwise_on_cuda(n, m, batch):
     # every split must reach the reference's fixed point, and a split must give the same bits
     # on every run (a missing barrier shows as results that move from run to run).
     from eotfast.kernels._launch import multiprocessor_count
-    from eotfast.kernels.sinkhorn import sinkhorn_log
+    from eotfast.kernels.sinkhorn import launch_sinkhorn
 
     x = torch.randn(batch, n, 3072, device="cuda")
     y = torch.randn(batch, m, 3072, device="cuda") + 0.1
@@ -396,7 +230,7 @@ def test_sinkhorn_triton_programs_agree_and_repeat_bitwise_on_cuda(n, m, batch):
     reference = eotfast.sinkhorn(cost, reg=0.05, tol=1e-4, backend="torch")
     sms = multiprocessor_count(torch.device("cuda"))
     for programs in sorted({1, 2, 7, 16, sms // batch}):
-        first = sinkhorn_log(cost, a, b, epsilon, 2000, 1e-4, programs=programs)
+        first = launch_sinkhorn(cost, a, b, epsilon, 2000, 1e-4, programs=programs)
         assert (first[3] < 1e-4).all(), (programs, first[3])
         assert (first[2] - reference.n_iter).abs().max() <= 2, (programs, first[2])
         plan = torch.exp(
@@ -404,6 +238,6 @@ def test_sinkhorn_triton_programs_agree_and_repeat_bitwise_on_cuda(n, m, batch):
         )
         assert torch.allclose(plan, reference.plan(cost), atol=1e-6), programs
         for _ in range(10):
-            again = sinkhorn_log(cost, a, b, epsilon, 2000, 1e-4, programs=programs)
+            again = launch_sinkhorn(cost, a, b, epsilon, 2000, 1e-4, programs=programs)
             for one, other in zip(first, again, strict=True):
                 assert torch.equal(one, other), f"programs={programs}: results move between runs"

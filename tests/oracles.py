@@ -1,0 +1,52 @@
+"""Oracles and data shared by the tests (imported by conftest.py and the test files):
+POT's Sinkhorn, random marginals, and where and in which precision each backend runs."""
+
+import numpy as np
+import ot
+import torch
+
+GPU = torch.cuda.is_available()
+
+
+def backend_device(name: str) -> torch.device:
+    """Where a backend's tests put their tensors: the GPU for triton and cuda when there is
+    one (the interpreter runs triton on CPU tensors otherwise), the CPU for cpu and torch."""
+    return torch.device("cuda" if GPU and name in ("triton", "cuda") else "cpu")
+
+
+def solve_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backend's Sinkhorn solves in: the GPU kernels are float32-only."""
+    return torch.float32 if name in ("triton", "cuda") else dtype
+
+
+def pot_sinkhorn_log(cost, a, b, epsilon, **kwargs):
+    """POT's log-domain Sinkhorn in float64 on one [n, m] problem: (plan, f, g, log), the
+    potentials in cost units."""
+    n, m = cost.shape
+    a = np.full(n, 1 / n) if a is None else a.double().cpu().numpy()
+    b = np.full(m, 1 / m) if b is None else b.double().cpu().numpy()
+    plan, log = ot.bregman.sinkhorn_log(
+        a, b, cost.double().cpu().numpy(), float(epsilon), log=True, warn=False, **kwargs
+    )
+    return plan, epsilon * log["log_u"], epsilon * log["log_v"], log
+
+
+def marginals(batch_shape, n, m, dtype=torch.float64, generator=None):
+    """Random positive marginals of equal (unit) mass, [*batch, n] and [*batch, m]."""
+    a = torch.rand(*batch_shape, n, dtype=dtype, generator=generator) + 0.1
+    b = torch.rand(*batch_shape, m, dtype=dtype, generator=generator) + 0.1
+    return a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+
+
+def assert_partners_are_row_maxima(partners, x, y):
+    """Each partner has the largest plan weight of its row, up to float32 rounding, in the
+    torch reference's plan (float64, converged far below any backend's tolerance): ties may
+    pick either column, so indices are not compared."""
+    import eotfast
+
+    cost = eotfast.cost_matrix(x.double(), y.double())
+    result = eotfast.sinkhorn(cost, backend="torch", tol=1e-9, max_iter=5000)
+    log_weights = (result.g[..., None, :] - cost) / result.epsilon[..., None, None]
+    chosen = log_weights.gather(-1, partners[..., None]).squeeze(-1)
+    best = log_weights.amax(-1)
+    assert (best - chosen <= 1e-3 * best.abs().clamp_min(1)).all(), (best - chosen).max()
