@@ -1,8 +1,14 @@
-"""Gaussian diffusion (DDPM) for noise prediction: schedules, the training loss, samplers.
+"""Gaussian diffusion (DDPM) for a v- or noise-predicting network: schedules, the training
+loss, samplers.
+
+The network predicts v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (``prediction="v"``,
+the trainer's default) or the noise eps (``prediction="eps"``); the samplers turn either into
+an x_0 estimate, x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v for v.
 
 References: Ho et al. (2020) for the forward process, the epsilon loss and the ancestral
-sampler; Nichol & Dhariwal (2021) for the cosine schedule; Song et al. (2021), "Denoising
-Diffusion Implicit Models", for the few-step DDIM sampler.
+sampler; Salimans & Ho (2022), "Progressive Distillation for Fast Sampling of Diffusion
+Models", for v-prediction; Nichol & Dhariwal (2021) for the cosine schedule; Song et al.
+(2021), "Denoising Diffusion Implicit Models", for the few-step DDIM sampler.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ from torch import nn
 __all__ = ["GaussianDiffusion", "SCHEDULES", "beta_schedule"]
 
 SCHEDULES = ("linear", "cosine")
-# What the network predicts. "eps": the noise (Ho et al.). "v": sqrt(ab) eps - sqrt(1 - ab) x_0
-# (Salimans & Ho 2022), from which the noise follows as sqrt(1 - ab) x_t + sqrt(ab) v. Its
+# What the network predicts. "eps": the noise (Ho et al.). "v" (TrainConfig's default):
+# sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022), from which x_0 follows as
+# sqrt(ab) x_t - sqrt(1 - ab) v and the noise as sqrt(1 - ab) x_t + sqrt(ab) v. Its
 # loss weighs x_0 errors by SNR + 1 where the noise loss weighs them by SNR, so at high noise,
 # where an image's global colors are decided, it trains ~1/SNR (10-1000x) harder.
 PREDICTIONS = ("eps", "v")
 
-# A denoiser: (x_t [B, C, H, W], t [B], cond [B, C', H, W]) -> predicted noise [B, C, H, W].
+# A denoiser: (x_t [B, C, H, W], t [B], cond [B, C', H, W]) -> its prediction [B, C, H, W],
+# v or the noise eps as GaussianDiffusion.prediction says.
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -46,7 +54,8 @@ def beta_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0) and the reverse samplers for a noise-predicting model.
+    """The forward process q(x_t | x_0), the training loss and the reverse samplers for a
+    model that predicts v or the noise eps (``prediction``; the trainer passes "v").
 
     Images live in [-1, 1]. Timesteps are 0-based: t = 0 is the least noisy step.
     """
@@ -55,7 +64,7 @@ class GaussianDiffusion(nn.Module):
         self,
         num_timesteps: int = 1000,   # T, number of diffusion steps
         schedule: str = "cosine",    # beta schedule: "linear" or "cosine"
-        prediction: str = "eps",     # network output: "eps" (noise) or "v" (see PREDICTIONS)
+        prediction: str = "eps",     # network output: "eps" or "v" (TrainConfig's default)
     ):  # fmt: skip
         super().__init__()
         if num_timesteps < 1:
@@ -80,7 +89,8 @@ class GaussianDiffusion(nn.Module):
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def training_loss(self, model: Denoiser, x0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the prediction (noise, or v) at uniformly drawn timesteps."""
+        """Mean squared error between the model output and its target at uniformly drawn t:
+        v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 for "v", the noise eps for "eps"."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         target = noise
@@ -90,7 +100,11 @@ class GaussianDiffusion(nn.Module):
         return F.mse_loss(model(self.q_sample(x0, t, noise), t, cond), target)
 
     def _predict_x0(self, model: Denoiser, x_t, t, cond):
-        """Model output -> clipped x_0 estimate, and the noise consistent with the clip."""
+        """Model output -> clipped x_0 estimate, and the noise consistent with the clip.
+
+        x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v for "v",
+        x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) for "eps".
+        """
         t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         alpha_bar = self.alpha_bar[t]
         output = model(x_t, t_batch, cond)

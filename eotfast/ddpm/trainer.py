@@ -3,7 +3,9 @@ run loop behind ``train.py``.
 
 Each step draws a source batch and a target batch independently, pairs them with
 :func:`eotfast.pair` on the training device inside the compiled step, and trains the U-Net to
-denoise the paired target conditioned on its source.
+denoise the paired target conditioned on its source: by default it predicts
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022); ``prediction="eps"``
+makes it predict the noise.
 """
 
 from __future__ import annotations
@@ -35,16 +37,15 @@ from eotfast.ddpm.metrics import (
     train_classifier,
 )
 from eotfast.ddpm.unet import ConditionalUNet
+from eotfast.ops.registry import BACKENDS
 
 __all__ = ["OT_CHOICES", "TrainConfig", "Trainer", "CheckpointError", "load_checkpoint"]
 
-# --ot value -> (pair method, Sinkhorn backend). "sinkhorn" takes the device's fastest backend.
+# --ot value -> (pair method, backend): "sinkhorn" takes the device's fastest backend, and
+# sinkhorn_<name> one backend of the registry (eotfast.ops.registry.BACKENDS).
 OT_CHOICES = {
     "sinkhorn": ("sinkhorn", "auto"),
-    "sinkhorn_triton": ("sinkhorn", "triton"),
-    "sinkhorn_cuda": ("sinkhorn", "cuda"),
-    "sinkhorn_cpu": ("sinkhorn", "cpu"),
-    "sinkhorn_torch": ("sinkhorn", "torch"),
+    **{f"sinkhorn_{name}": ("sinkhorn", name) for name in BACKENDS},
     "exact": ("exact", "auto"),
     "emd": ("emd", "auto"),
     "random": ("random", "auto"),
@@ -81,7 +82,7 @@ class TrainConfig:
     dropout: float = 0.0                     # dropout in residual blocks
     timesteps: int = 1000                    # diffusion steps T
     schedule: str = "cosine"                 # beta schedule: linear | cosine
-    prediction: str = "v"                    # network target: eps (noise) | v
+    prediction: str = "v"                    # network target: v (Salimans & Ho) | eps (noise)
     sample_steps: int = 25                   # DDIM steps for evaluation samples
     eval_every: int = 0                      # steps between evaluations (0: only at the end)
     eval_size: int = 256                     # generated images per evaluation

@@ -1,9 +1,11 @@
 """Conditional U-Net for image-to-image DDPMs (Palette-style conditioning).
 
-The condition image is concatenated to the noisy image on channels; the network predicts the
-noise. Layout follows Ho et al. (2020), "Denoising Diffusion Probabilistic Models": residual
-blocks with GroupNorm and a sinusoidal time embedding, self-attention at low resolution, skip
-connections from every encoder block to the decoder.
+The condition image is concatenated to the noisy image on channels; the network predicts
+v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (the trainer's default) or the noise eps,
+as ``GaussianDiffusion.prediction`` says (the architecture is the same). Layout follows
+Ho et al. (2020), "Denoising Diffusion Probabilistic Models": residual blocks with GroupNorm
+and a sinusoidal time embedding, self-attention at low resolution, skip connections from every
+encoder block to the decoder.
 """
 
 from __future__ import annotations
@@ -77,11 +79,12 @@ class SelfAttention(nn.Module):
 
 
 class ConditionalUNet(nn.Module):
-    """Noise-prediction U-Net conditioned on an image of the source domain.
+    """Denoising U-Net conditioned on an image of the source domain.
 
     ``forward(x_t, t, cond)`` maps the noisy target image ``x_t`` [B, C, H, W], the timesteps
-    ``t`` [B] and the condition image ``cond`` [B, C_cond, H, W] to the predicted noise
-    [B, C, H, W]. H and W must be divisible by ``2 ** (len(channel_mults) - 1)``.
+    ``t`` [B] and the condition image ``cond`` [B, C_cond, H, W] to the prediction
+    [B, C, H, W]: v by default, or the noise eps (see ``GaussianDiffusion.prediction``).
+    H and W must be divisible by ``2 ** (len(channel_mults) - 1)``.
     """
 
     def __init__(
