@@ -9,7 +9,7 @@ provider must return the same optimal total cost (checked).
 import numpy as np
 import ot
 import pytest
-from _bench_utils import image_batches, record
+from _bench_utils import image_batches, record, size_params
 from scipy.optimize import linear_sum_assignment
 
 import eotfast
@@ -19,14 +19,8 @@ SIZES = [(64, 1), (256, 1), (1024, 1), (256, 8)]
 HEAVY = [(4096, 1)]
 
 
-def sizes():
-    return [pytest.param(*s, id=f"n{s[0]}-b{s[1]}") for s in SIZES] + [
-        pytest.param(*s, id=f"n{s[0]}-b{s[1]}", marks=pytest.mark.heavy) for s in HEAVY
-    ]
-
-
 @pytest.mark.parametrize("provider", ["eotfast", "scipy_lsa", "pot_emd"])
-@pytest.mark.parametrize("n,batch", sizes())
+@pytest.mark.parametrize("n,batch", size_params(SIZES, HEAVY, keys=("n", "b")))
 def test_assignment(benchmark, provider, n, batch):
     x, y = image_batches(n, D, batch)
     cost = eotfast.cost_matrix(x, y)  # [batch, n, n] float32

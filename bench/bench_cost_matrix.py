@@ -2,12 +2,16 @@
 
 Providers: eotfast (torch's GEMM form on the CPU; the Triton and CUDA kernels on a GPU),
 torch.cdist squared, POT's ot.dist (numpy, float32 inputs). Same float32 inputs for all.
+
+Throughput: gflops = 2 * batch * n * m * d / median seconds / 1e9, the multiply-adds of the
+GEMM form ||x||^2 + ||y||^2 - 2 x y^T (its x y^T product; the norms are lower order),
+counted the same for every provider whatever it actually computes.
 """
 
 import ot
 import pytest
 import torch
-from _bench_utils import image_batches, record, size_params, sync
+from _bench_utils import image_batches, median_s, record, size_params, sync
 
 import eotfast
 
@@ -49,4 +53,5 @@ def test_cost_matrix(benchmark, provider, backend, device, n, d, batch):
         return out
 
     benchmark.pedantic(timed, rounds=5 if n <= 1024 else 2, iterations=1, warmup_rounds=1)
-    record(benchmark, "cost_matrix", f"{provider} ({device.type})", n, d, batch)
+    gflops = 2 * batch * n * n * d / median_s(benchmark) / 1e9  # m = n here
+    record(benchmark, "cost_matrix", f"{provider} ({device.type})", n, d, batch, gflops=gflops)

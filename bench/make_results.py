@@ -20,7 +20,8 @@ OP_ORDER = ["cost_matrix", "sinkhorn", "assignment", "pair", "train_step"]
 QUALITY = [("n_iter", "iterations", "{:d}"), ("marginal_error", "marginal error", "{:.1e}"),
            ("gap_closed", "gap closed", "{:.1%}"), ("distinct_targets", "distinct", "{:.0%}"),
            ("compile_s", "compile s", "{:.1f}"), ("pair_share", "pair share", "{:.1%}"),
-           ("steps_per_s", "steps/s", "{:.2f}")]  # fmt: skip
+           ("steps_per_s", "steps/s", "{:.2f}"), ("gflops", "GFLOP/s", "{:.1f}"),
+           ("ns_per_entry_iteration", "ns/entry/iter", "{:.3g}")]  # fmt: skip
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -151,7 +152,9 @@ def main() -> None:
              "exact, Sinkhorn vs Sinkhorn); > 1: eotfast is faster. The VM's timings move by "
              "up to ~20% between runs. Quality: marginal error ||P^T 1 - b||_2 of the provider's "
              "plan; gap closed = share of the random-to-exact transport-cost gap closed by the "
-             "pairs; distinct = share of distinct targets.", "",
+             "pairs; distinct = share of distinct targets. Throughput: GFLOP/s = 2 batch n m d "
+             "/ median (the multiply-adds of the cost matrix's GEMM form); ns/entry/iter = "
+             "median / (batch n m iterations), an iteration sweeping the cost twice.", "",
              f"![time vs n]({args.plot.name})", ""]  # fmt: skip
     for op in OP_ORDER:
         op_cases = [c for c in cases if c["op"] == op]
