@@ -77,3 +77,11 @@ def test_readme_backend_table_and_op_list_follow_the_registry():
     ]
     missing = [name for name in registered if f"`{name}`" not in readme]
     assert not missing, f"registered ops the README does not list: {missing}"
+
+
+def test_auto_falls_back_to_the_torch_reference_on_other_devices():
+    # No kernel runs on MPS, XPU, ... tensors: "auto" must still find the reference.
+    from eotfast.ops.registry import resolve_backend
+
+    assert eotfast.available_backends("meta") == ["torch"]
+    assert resolve_backend("auto", torch.device("meta")) == "torch"

@@ -62,7 +62,8 @@ class Backend:
     load: Callable[[], ModuleType]
     where: str  # the tensors it takes, for the README's backend table
     summary: str  # what it is, for the README's backend table
-    rank: dict[str, int]  # device type -> place in "auto"'s order there (0 first)
+    # device type -> place in "auto"'s order there (0 first); "*": any other device type
+    rank: dict[str, int]
     runs_on: Callable[[torch.device], bool]  # can run on this device in this process
     hint: Callable[[torch.device], str]  # why not, and what to use instead
 
@@ -157,7 +158,7 @@ BACKENDS: dict[str, Backend] = {
             load=_load_torch,
             where="any device",
             summary="pure PyTorch reference, the oracle of the tests",
-            rank={"cuda": 2, "cpu": 1},
+            rank={"cuda": 2, "cpu": 1, "*": 0},  # the only one for MPS, XPU, ...
             runs_on=lambda device: True,
             hint=lambda device: "",
         ),
@@ -166,11 +167,15 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
+def _rank(backend: Backend, device: torch.device) -> int | None:
+    return backend.rank.get(device.type, backend.rank.get("*"))
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` in this process, fastest first."""
     device = torch.device(device)
-    runnable = [b for b in BACKENDS.values() if device.type in b.rank and b.runs_on(device)]
-    return [b.name for b in sorted(runnable, key=lambda b: b.rank[device.type])]
+    runnable = [b for b in BACKENDS.values() if _rank(b, device) is not None and b.runs_on(device)]
+    return [b.name for b in sorted(runnable, key=lambda b: _rank(b, device))]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -180,7 +185,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return available_backends(device)[0]
     record = BACKENDS[backend]
-    if not (device.type in record.rank and record.runs_on(device)):
+    if _rank(record, device) is None or not record.runs_on(device):
         if backend == "cpu" and device.type == "cpu":
             require_cpu_extension()
         if backend == "cuda" and device.type == "cuda":
