@@ -122,3 +122,20 @@ def test_barrier_check_finds_missing_barriers(reports, arch):
     assert probes["handover_probe barrier=True"]["ptx_barriers"] >= 2
     found = probes["handover_probe barrier=False"]["unordered_handovers"]
     assert [finding.split("`")[0] for finding in found] == ["load ", "store "], found
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_grid_barrier_arrives_once_per_program(reports, arch):
+    # Several programs per problem meet at a counter: one release atomic per program and
+    # barrier, issued by a single thread (predicated), then acquire loads until all arrived.
+    cooperative = [row for row in kernel_rows(reports, arch) if "programs=4" in row["name"]]
+    single = [row for row in kernel_rows(reports, arch) if "programs=1" in row["name"]]
+    assert cooperative and all(row["release_atomics"] for row in cooperative)
+    assert all(not row["release_atomics"] for row in single)  # no counter with one program
+    unpredicated = [
+        f"{row['name']}: {line}"
+        for row in cooperative
+        for line in row["release_atomics"]
+        if not line.startswith("@")
+    ]
+    assert not unpredicated, "\n".join(unpredicated)

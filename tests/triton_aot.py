@@ -309,6 +309,9 @@ def report(arch: int) -> list[dict]:
         row["num_warps"] = compiled.metadata.num_warps
         row["ptx_barriers"] = len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
         row["unordered_handovers"] = unordered_handovers(compiled.asm["ttgir"])
+        # The grid barrier's arrivals: each must be one thread's (a predicated instruction),
+        # or a program would add its thread count to the counter and pass the barrier early.
+        row["release_atomics"] = re.findall(r"^\s*(\S.*atom\.global\S*release\S*.*)$", ptx, re.M)
         rows.append(row)
     return rows
 
