@@ -18,6 +18,7 @@ __all__ = [
     "check_point_batches",
     "check_same_device",
     "check_positive",
+    "check_iteration_limit",
     "check_finite_values",
     "check_marginal_values",
     "values_checkable",
@@ -50,6 +51,15 @@ def check_point_batches(x, y) -> None:
             f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
             f"and y.shape={tuple(y.shape)}"
         )
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    try:
+        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch) dimensions of x and y must broadcast, got x.shape="
+            f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
+        ) from None
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -71,6 +81,13 @@ def check_positive(name: str, value) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
+
+
+def check_iteration_limit(name: str, value) -> int:
+    """An integer >= 1 that fits the ops' int64 argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ValueError(f"{name} must be an integer from 1 to 2**63 - 1, got {value!r}")
+    return value
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:

@@ -40,7 +40,5 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
         dimensions, d >= 3072), else the inputs' dtype.
     """
     check_point_batches(x, y)
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
     backend = resolve_backend(backend, x.device)
     return solve.cost_matrix(x, y, backend)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_tensor
+from eotfast._validation import check_iteration_limit, check_tensor
 from eotfast.ops.common import broadcast_marginal
 from eotfast.ops.host import assignment_scipy, emd_pot
 
@@ -45,6 +45,7 @@ def emd(
         round trip for GPU tensors (the documented exception).
     """
     check_tensor("cost", cost, min_dim=2)
+    check_iteration_limit("max_iter", max_iter)
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
     a = broadcast_marginal("a", a, batch_shape, n, cost)
     b = broadcast_marginal("b", b, batch_shape, m, cost)

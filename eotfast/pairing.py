@@ -98,10 +98,10 @@ def pair(
     x, y = x.detach(), y.detach()  # pairing picks indices: nothing to differentiate
     batch_shape, n, m = x.shape[:-2], x.shape[-2], y.shape[-2]
 
+    backend = resolve_backend(backend, x.device)  # also for "random": a bad name is an error
     if method == "random":
         return _random_pairing(batch_shape, n, m, x.device, generator)
 
-    backend = resolve_backend(backend, x.device)
     cost = cost_matrix(x, y, backend=backend)  # [..., n, m]
     if method == "exact":
         return assignment(cost)

@@ -55,3 +55,18 @@ def test_cost_matrix_is_zero_on_identical_points_and_never_negative(backend, dev
     cost = eotfast.cost_matrix(x, x, backend=backend).cpu()
     assert (cost >= 0).all()
     assert cost.diagonal().max() <= 1e-4 * cost.max()
+
+
+def test_points_far_from_the_origin_keep_their_distances(backend, device):
+    # Around 1e5 the GEMM form |x|^2 + |y|^2 - 2 x.y cancels in float32 (each term ~1e11,
+    # the distances ~1..100): centring the batches keeps them.
+    generator = torch.Generator().manual_seed(3)
+    x = 1e5 + torch.randn(12, 16, generator=generator, dtype=torch.float64)
+    perm = torch.randperm(12, generator=generator)
+    y = x[perm] + 0.01 * torch.randn(12, 16, generator=generator, dtype=torch.float64)
+    cost = eotfast.cost_matrix(x.float().to(device), y.float().to(device), backend=backend).cpu()
+    expected = ot.dist((x.float().double() - 1e5).numpy(), (y.float().double() - 1e5).numpy())
+    np.testing.assert_allclose(cost.double().numpy(), expected, atol=1e-3 * expected.max())
+    # ... and the exact pairs find the permutation back.
+    partners = eotfast.pair(x.float().to(device), y.float().to(device), "exact", backend=backend)
+    assert torch.equal(partners.cpu(), torch.argsort(perm))

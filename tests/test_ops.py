@@ -64,3 +64,39 @@ def test_opcheck(op):
         torch.library.opcheck(function, args, test_utils=("test_schema", "test_faketensor"))
     else:
         torch.library.opcheck(function, args)
+
+
+SINKHORN_OPS = [op for op in OP_BACKEND if op.startswith("sinkhorn_")]
+
+
+@pytest.mark.parametrize("op", SINKHORN_OPS)
+@pytest.mark.parametrize(
+    "argument,bad,match",
+    [
+        ("a", lambda t: t[:, :-1], r"a must have shape \(2, 9\)"),
+        ("b", lambda t: t[0], r"b must have shape \(2, 7\)"),
+        ("epsilon", lambda t: t[:1], r"epsilon must have shape \(2,\)"),
+        ("cost", lambda t: t[0], r"cost must be a non-empty \[B, n, m\]"),
+        ("a", lambda t: t.double(), "a must have cost's dtype"),
+        ("max_iter", lambda value: 0, "max_iter must be >= 1"),
+    ],
+)
+def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument, bad, match):
+    # The ops are public and hand data pointers to kernels: a wrong shape must be an error
+    # naming the argument, never a read past a buffer; the fakes check the same.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    backend = OP_BACKEND[op]
+    device = backend_device(backend)
+    if backend not in eotfast.available_backends(device):
+        pytest.skip(f"backend {backend} cannot run here")
+    names = ("cost", "a", "b", "epsilon", "max_iter", "tol")
+    args = dict(zip(names, sample_inputs(device)[op], strict=True))
+    args[argument] = bad(args[argument])
+    function = getattr(torch.ops.eotfast, op).default
+    with pytest.raises((ValueError, TypeError), match=match):
+        function(*args.values())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args.values()]
+        with pytest.raises((ValueError, TypeError), match=match):
+            function(*fake)

@@ -378,3 +378,17 @@ def test_missing_data_message_names_files_and_source(tmp_path):
         load_dataset("shoes2bags", tmp_path, 64)
     text = str(error.value)
     assert "shoes_64.hdf5" in text and "handbag_64.hdf5" in text and "iGAN" in text
+
+
+def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
+    # PIL's convert("RGB") clips 16-bit grayscale: mid-gray 30000/65535 read as white.
+    from PIL import Image
+
+    from eotfast.ddpm.data import _read_image_folder
+
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "gray16.png")
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(tmp_path / "rgb8.png")
+    images = _read_image_folder(tmp_path, image_size=4)  # sorted: gray16, rgb8
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 4, 4)
+    assert (images[0] == round(30000 / 257)).all(), images[0].unique()
+    assert (images[1] == 200).all()

@@ -97,7 +97,10 @@ def test_triton_ops_reject_dtypes_they_do_not_take_eager_and_fake(op, args, name
             g=torch.zeros(2, 6, device=DEVICE), seed=torch.tensor([7], device=DEVICE),
             x=torch.randn(2, 5, 8, device=DEVICE), y=torch.randn(2, 6, 8, device=DEVICE),
         )  # fmt: skip
-        values[bad] = values[bad].to(dtype)
+        # The whole problem in the other dtype, so that the op's kernel-dtype check speaks
+        # (a single mismatched tensor meets the shared "cost's dtype" check first).
+        for name in ("cost", "a", "b", "epsilon") if bad == "cost" else (bad,):
+            values[name] = values[name].to(dtype)
         if op == "sinkhorn_triton":
             return (values["cost"], values["a"], values["b"], values["epsilon"], 5, 0.0)
         if op == "draw_partners_triton":
@@ -105,9 +108,9 @@ def test_triton_ops_reject_dtypes_they_do_not_take_eager_and_fake(op, args, name
         return (values["x"], values["x"].new_empty(2, 6, 8).normal_())
 
     function = getattr(triton_backend, op)
-    with pytest.raises(TypeError, match=f"{name} must be"):
+    with pytest.raises(TypeError, match=f"{name} must"):
         function(*inputs())
-    with FakeTensorMode() as mode, pytest.raises(TypeError, match=f"{name} must be"):
+    with FakeTensorMode() as mode, pytest.raises(TypeError, match=f"{name} must"):
         function(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs()))
 
 
@@ -241,3 +244,13 @@ def test_sinkhorn_triton_programs_agree_and_repeat_bitwise_on_cuda(n, m, batch):
             again = launch_sinkhorn(cost, a, b, epsilon, 2000, 1e-4, programs=programs)
             for one, other in zip(first, again, strict=True):
                 assert torch.equal(one, other), f"programs={programs}: results move between runs"
+
+
+def test_float64_cost_beyond_float32_range_is_refused_not_solved_to_nan():
+    # The kernels solve in float32: a finite float64 cost of 1e39 would cast to inf and give
+    # NaN potentials; on CPU tensors (the interpreter) it is refused with the reason.
+    cost = torch.rand(4, 5, dtype=torch.float64) * 1e39
+    if DEVICE.type != "cpu":
+        pytest.skip("values are checked on CPU tensors only (reading GPU values would sync)")
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        eotfast.sinkhorn(cost, backend="triton")

@@ -55,6 +55,16 @@ BEFORE_DISPATCH = [
     (lambda: eotfast.pair(x, y.to("meta")), ValueError, "y is on meta but x is on cpu"),
     (lambda: eotfast.pair([[1.0]], y), TypeError, "x must be a torch.Tensor"),
     (lambda: eotfast.emd(nan_cost), ValueError, "cost contains NaN"),
+    (lambda: eotfast.emd(cost, max_iter=0), ValueError, "max_iter must be an integer from 1"),
+    (lambda: eotfast.emd(cost, max_iter=-1), ValueError, "max_iter must be an integer from 1"),
+    (lambda: eotfast.sinkhorn(cost, max_iter=2**63), ValueError, "max_iter must be an integer"),
+    (lambda: eotfast.pair(x, y, "random", backend="bogus"), ValueError, "backend must be one of"),
+    (lambda: eotfast.pair(x, y.double(), "random"), TypeError, "same dtype"),
+    (
+        lambda: eotfast.cost_matrix(torch.rand(2, 5, 3), torch.rand(3, 4, 3)),
+        ValueError,
+        "leading .batch. dimensions of x and y must broadcast",
+    ),
     (lambda: eotfast.assignment(inf_cost.mT), ValueError, "cost contains inf"),
 ]
 

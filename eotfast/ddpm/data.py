@@ -200,6 +200,17 @@ def load_shoes2bags(root: Path, image_size: int) -> DomainData:
     )
 
 
+def _rgb8(image):
+    """The image as 8-bit RGB. PIL's convert("RGB") clips 16-bit grayscale (modes "I;16",
+    "I"; 16-bit PNGs load so) instead of scaling it: mid-gray 30000/65535 came out white."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.rint(np.asarray(image, dtype=np.float64) / 257.0)  # 65535 -> 255
+        return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
 def _read_image_folder(folder: Path, image_size: int) -> torch.Tensor:
     from PIL import Image
 
@@ -209,7 +220,7 @@ def _read_image_folder(folder: Path, image_size: int) -> torch.Tensor:
     images = []
     for file in files:
         with Image.open(file) as image:
-            image = image.convert("RGB")
+            image = _rgb8(image)
             side = min(image.size)  # center crop to a square, then resize
             left, top = (image.width - side) // 2, (image.height - side) // 2
             image = image.crop((left, top, left + side, top + side))

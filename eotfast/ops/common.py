@@ -19,6 +19,8 @@ __all__ = [
     "SOLVER_DTYPES",
     "SinkhornResult",
     "broadcast_marginal",
+    "check_point_batch_arguments",
+    "check_sinkhorn_arguments",
     "check_solver_values",
     "empty_sinkhorn_solution",
     "epsilon_from_reg",
@@ -90,21 +92,77 @@ SINKHORN_SCHEMA = (
 )
 
 
+def check_sinkhorn_arguments(op: str, cost, a, b, epsilon, max_iter, tol) -> None:
+    """Shapes, dtypes and devices of a Sinkhorn op's arguments: the ops are public
+    (torch.ops.eotfast.sinkhorn_cpu, ...) and pass data pointers to kernels, which must never
+    read past a buffer. Metadata only: no device sync, and the fakes run it too."""
+    if cost.dim() != 3 or cost.numel() == 0:
+        raise ValueError(
+            f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
+        )
+    batch, n, m = cost.shape
+    for name, tensor, shape in (
+        ("a", a, (batch, n)),
+        ("b", b, (batch, m)),
+        ("epsilon", epsilon, (batch,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{op}: {name} must have shape {shape} for cost of shape {tuple(cost.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != cost.dtype:
+            raise TypeError(f"{op}: {name} must have cost's dtype {cost.dtype}, got {tensor.dtype}")
+        if tensor.device != cost.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
+    if max_iter < 1:
+        raise ValueError(f"{op}: max_iter must be >= 1, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"{op}: tol must be a number >= 0, got {tol}")
+
+
+def check_point_batch_arguments(op: str, x, y) -> None:
+    """x [B, n, d] and y [B, m, d] of one dtype on one device, for the cost-matrix kernels."""
+    if x.dim() != 3 or y.dim() != 3 or x.numel() == 0 or y.numel() == 0:
+        raise ValueError(
+            f"{op}: x and y must be non-empty [B, n, d] and [B, m, d] tensors, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
+        raise ValueError(
+            f"{op}: x [B, n, d] and y [B, m, d] must share B and d, got {tuple(x.shape)} and "
+            f"{tuple(y.shape)}"
+        )
+    if x.dtype != y.dtype:
+        raise TypeError(f"{op}: x and y must share a dtype, got {x.dtype} and {y.dtype}")
+    if x.device != y.device:
+        raise ValueError(f"{op}: y is on {y.device} but x is on {x.device}")
+
+
 def register_sinkhorn_op(
     backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
 ):
     """Registers ``solve(cost, a, b, epsilon, max_iter, tol)`` as eotfast::sinkhorn_<backend>
-    with the one schema and its fake: a ``triton_op`` for Triton launches (torch.compile then
-    sees the kernel), else a ``custom_op`` (opaque to torch.compile: tracing would unroll up to
-    max_iter iterations into the graph)."""
+    with the one schema and its fake, both behind :func:`check_sinkhorn_arguments`: a
+    ``triton_op`` for Triton launches (torch.compile then sees the kernel), else a
+    ``custom_op`` (opaque to torch.compile: tracing would unroll up to max_iter iterations
+    into the graph)."""
     name = f"eotfast::sinkhorn_{backend}"
+
+    def checked(function):
+        def run(cost, a, b, epsilon, max_iter, tol):
+            check_sinkhorn_arguments(f"sinkhorn_{backend}", cost, a, b, epsilon, max_iter, tol)
+            return function(cost, a, b, epsilon, max_iter, tol)
+
+        return run
+
     if triton:
-        op = torch.library.triton_op(name, solve, mutates_args=(), schema=SINKHORN_SCHEMA)
+        op = torch.library.triton_op(name, checked(solve), mutates_args=(), schema=SINKHORN_SCHEMA)
     else:
         op = torch.library.custom_op(
-            name, solve, mutates_args=(), device_types=device_types, schema=SINKHORN_SCHEMA
+            name, checked(solve), mutates_args=(), device_types=device_types, schema=SINKHORN_SCHEMA
         )
-    op.register_fake(fake)
+    op.register_fake(checked(fake))
     return op
 
 

@@ -11,7 +11,12 @@ import torch
 from torch.library import custom_op
 
 from eotfast.ops import torch_backend
-from eotfast.ops.common import empty_sinkhorn_solution, register_sinkhorn_op, solve_in_float32
+from eotfast.ops.common import (
+    check_point_batch_arguments,
+    empty_sinkhorn_solution,
+    register_sinkhorn_op,
+    solve_in_float32,
+)
 from eotfast.ops.extensions import require_cuda_extension
 
 __all__ = ["cost_matrix", "cost_matrix_cuda", "draw_partners", "sinkhorn", "sinkhorn_cuda"]
@@ -23,9 +28,18 @@ def _stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
+def _check_cost_matrix_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    check_point_batch_arguments("cost_matrix_cuda", x, y)
+    if x.dtype not in _ELEMENT_TYPES:
+        raise TypeError(
+            f"cost_matrix_cuda: x and y must be float32, float16 or bfloat16, got {x.dtype}"
+        )
+
+
 @custom_op("eotfast::cost_matrix_cuda", mutates_args=(), device_types="cuda")
 def cost_matrix_cuda(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """[B, n, d] x [B, m, d] (float32/16, bfloat16) -> [B, n, m] float32 squared distances."""
+    _check_cost_matrix_inputs(x, y)
     extension = require_cuda_extension()
     x, y = x.contiguous(), y.contiguous()
     (batch, n, d), m = x.shape, y.shape[1]
@@ -47,6 +61,7 @@ def cost_matrix_cuda(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @cost_matrix_cuda.register_fake
 def _(x, y):
+    _check_cost_matrix_inputs(x, y)
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_positive, check_tensor
+from eotfast._validation import check_iteration_limit, check_positive, check_tensor
 from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
 from eotfast.ops.registry import backend_ops, resolve_backend
 
@@ -19,6 +19,14 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
     (n, d), m = x.shape[-2:], y.shape[-2]
     x = x.expand(*batch_shape, n, d).reshape(-1, n, d)  # [B, n, d]
     y = y.expand(*batch_shape, m, d).reshape(-1, m, d)  # [B, m, d]
+    # |x|^2 + |y|^2 - 2 x.y cancels for points far from the origin: at coordinates ~1e5 the
+    # float32 distances between nearby points are lost and pair(x, x[perm], "exact") gave the
+    # identity. Centring both batches on one point changes no distance and removes it. Half
+    # inputs stay as they are: centring them would round them again (the kernels read them
+    # exactly), and at their 11-bit precision a far-off batch lost its distances on input.
+    if x.dtype in (torch.float32, torch.float64):
+        center = (x.mean(dim=1, keepdim=True) + y.mean(dim=1, keepdim=True)) / 2  # [B, 1, d]
+        x, y = x - center, y - center
     return backend_ops(backend).cost_matrix(x, y).reshape(*batch_shape, n, m)
 
 
@@ -31,8 +39,7 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     error goes below 1e-5 (measured, d = 3072, n = 64)."""
     check_tensor("cost", cost, min_dim=2)
     reg = check_positive("reg", reg)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    check_iteration_limit("max_iter", max_iter)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     # The solvers are not differentiable (no autograd formula is registered): work on detached

@@ -17,6 +17,7 @@ from eotfast.kernels.draw_partners import launch_draw_partners
 from eotfast.kernels.sinkhorn import launch_sinkhorn
 from eotfast.ops import torch_backend
 from eotfast.ops.common import (
+    check_point_batch_arguments,
     check_solver_values,
     empty_sinkhorn_solution,
     register_sinkhorn_op,
@@ -47,9 +48,8 @@ def _require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Te
 
 # ------------------------------------------------------------------------------- cost_matrix
 def _check_cost_matrix_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    check_point_batch_arguments("cost_matrix_triton", x, y)
     _require_dtype("cost_matrix_triton", _COST_MATRIX_DTYPES, x=x, y=y)
-    if x.dtype != y.dtype:
-        raise TypeError(f"cost_matrix_triton: x and y must share a dtype, got {x.dtype}, {y.dtype}")
 
 
 @triton_op("eotfast::cost_matrix_triton", mutates_args=())
@@ -95,13 +95,35 @@ _solve_in_float32 = solve_in_float32(sinkhorn_triton)
 
 def sinkhorn(cost, a, b, epsilon, max_iter: int, tol: float):
     """float32 throughout (the kernel's dtype); results in cost's dtype."""
-    if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does
-        check_solver_values(cost, a, b)
+    if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does,
+        check_solver_values(cost, a, b)  # then what the cast leaves of them
+        if cost.dtype == torch.float64 and bool(cost.abs().amax() > torch.finfo(torch.float32).max):
+            raise ValueError(
+                "cost has finite values beyond float32's range (largest "
+                f"{float(cost.abs().amax()):.3g}), which backend='triton' solves in; use "
+                "backend='cpu' or 'torch' for float64 costs this large"
+            )
     return _solve_in_float32(cost, a, b, epsilon, max_iter, tol)
 
 
 # ----------------------------------------------------------------------------- draw_partners
 def _check_draw_partners_inputs(cost, g, epsilon, seed) -> None:
+    if cost.dim() != 3 or cost.numel() == 0:
+        raise ValueError(f"draw_partners_triton: cost must be [B, n, m], got {tuple(cost.shape)}")
+    batch, n, m = cost.shape
+    for name, tensor, shape in (
+        ("g", g, (batch, m)),
+        ("epsilon", epsilon, (batch,)),
+        ("seed", seed, (1,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"draw_partners_triton: {name} must have shape {shape}, got {tuple(tensor.shape)}"
+            )
+        if tensor.device != cost.device:
+            raise ValueError(
+                f"draw_partners_triton: {name} is on {tensor.device}, cost on {cost.device}"
+            )
     _require_dtype("draw_partners_triton", (torch.float32,), cost=cost, g=g, epsilon=epsilon)
     _require_dtype("draw_partners_triton", (torch.int64,), seed=seed)
 
