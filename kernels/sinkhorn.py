@@ -111,7 +111,9 @@ def _column_sweep(
 ):  # fmt: skip
     """Over this program's column blocks: the new g (stored at g_next_ptr) and the squared
     column violation of the plan (f, g), returned."""
-    squared = tl.zeros((), tl.float32)
+    # float64: the squared violations of a plan of total mass 1e30 overflow float32 (the error
+    # read inf), those of mass 1e-30 underflow (it read 0). m values per round: no cost.
+    squared = tl.zeros((), tl.float64)
     for block in range(program, column_blocks, programs):
         cols = block * BLOCK_M + tl.arange(0, BLOCK_M)
         col_mask = cols < m
@@ -121,7 +123,8 @@ def _column_sweep(
         b = tl.load(b_ptr + cols, mask=col_mask, other=1.0)
         g = tl.load(g_ptr + cols, mask=col_mask, other=0.0)
         mass = tl.exp2((g / epsilon + lse) * LOG2E)
-        squared += tl.sum(tl.where(col_mask, (mass - b) * (mass - b), 0.0), axis=0)
+        violation = (mass - b).to(tl.float64)
+        squared += tl.sum(tl.where(col_mask, violation * violation, 0.0), axis=0)
         tl.store(g_next_ptr + cols, epsilon * (tl.log(b) - lse), mask=col_mask)
     return squared
 
@@ -174,7 +177,7 @@ def sinkhorn_kernel(
     cost_ptr, a_ptr, b_ptr, epsilon_ptr,  # [B, n, m], [B, n], [B, m], [B] float32
     f_ptr, g_ptr,                         # [B, n], [B, m] float32 outputs
     g_next_ptr,                           # [B, m] float32 scratch: g of the round under way
-    partial_ptr, arrivals_ptr,            # [B, programs] float32 scratch, [B] int32 zeros
+    partial_ptr, arrivals_ptr,            # [B, programs] float64 scratch, [B] int32 zeros
     n_iter_ptr, error_ptr,                # [B] int64, [B] float32 outputs
     n, m, max_iter, tol, programs,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -207,7 +210,7 @@ def sinkhorn_kernel(
     _sync_programs(arrivals_ptr, programs, generation, COOPERATIVE)  # f, g -> column sweep
 
     iteration = tl.full((), 0, tl.int32)
-    error = tl.full((), float("inf"), tl.float32)
+    error = tl.full((), float("inf"), tl.float64)
     proceed = iteration < max_iter
     while proceed:
         # Column sweep: g_next, and the squared column violation of the plan (f, g) of the
@@ -242,7 +245,7 @@ def sinkhorn_kernel(
 
     first = program == 0
     tl.store(n_iter_ptr + problem, iteration.to(tl.int64), mask=first)
-    tl.store(error_ptr + problem, error, mask=first)
+    tl.store(error_ptr + problem, error.to(tl.float32), mask=first)
 
 
 def programs_per_problem(batch: int, n: int, m: int, device: torch.device, block: int) -> int:
@@ -299,7 +302,7 @@ def launch_sinkhorn(
     f = torch.empty((batch, n), dtype=torch.float32, device=device)
     g = torch.empty((batch, m), dtype=torch.float32, device=device)
     g_next = torch.empty((batch, m), dtype=torch.float32, device=device)
-    partial = torch.empty((batch, programs), dtype=torch.float32, device=device)
+    partial = torch.empty((batch, programs), dtype=torch.float64, device=device)
     arrivals = torch.zeros((batch,), dtype=torch.int32, device=device)
     n_iter = torch.empty((batch,), dtype=torch.int64, device=device)
     error = torch.empty((batch,), dtype=torch.float32, device=device)

@@ -5,7 +5,7 @@ import numpy as np
 import ot
 import pytest
 import torch
-from oracles import pot_sinkhorn_log, solve_dtype
+from oracles import marginals, pot_sinkhorn_log, solve_dtype
 
 import eotfast
 
@@ -168,3 +168,26 @@ def test_outputs_carry_no_gradient_but_the_plan_does():
     assert not result.f.requires_grad and not result.g.requires_grad
     result.plan(cost).sum().backward()
     assert cost.grad is not None and torch.isfinite(cost.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mass", [1e30, 1e-30])
+def test_marginal_error_of_huge_and_tiny_masses_is_measured_not_inf_or_zero(
+    backend, device, mass, dtype
+):
+    # Squared column violations of a plan of total mass 1e30 overflow float32 (the error read
+    # inf) and those of mass 1e-30 underflow (it read 0): the error is accumulated in float64.
+    generator = torch.Generator().manual_seed(6)
+    cost = torch.rand(6, 5, dtype=torch.float64, generator=generator)
+    a, b = marginals((), 6, 5, generator=generator)
+    a, b = a * mass, b * mass
+    cost, a, b = (t.to(dtype) for t in (cost, a, b))
+    result = eotfast.sinkhorn(
+        cost.to(device), a.to(device), b.to(device), reg=0.1, relative_reg=False, max_iter=3,
+        tol=0.0, backend=backend,
+    )  # fmt: skip
+    plan, *_ = pot_sinkhorn_log(cost, a, b, 0.1, numItermax=3, stopThr=0)
+    expected = np.linalg.norm(plan.sum(0) - b.double().numpy())
+    # float32 potentials near log(1e30) ~ 69 carry ~1e-6 relative rounding into the plan.
+    rtol = 1e-6 if solve_dtype(backend, dtype) == torch.float64 else 5e-2
+    assert float(result.marginal_error) == pytest.approx(expected, rel=rtol)

@@ -46,7 +46,10 @@ def sinkhorn_reference(cost, a, b, epsilon, max_iter: int, tol: float):
         f_new = epsilon[:, None] * (log_a - torch.logsumexp((g[:, None, :] - cost) / eps, dim=2))
         f = torch.where(active[:, None], f_new, f)
         column_mass = torch.exp((f[:, :, None] + g[:, None, :] - cost) / eps).sum(dim=1)
-        error = torch.where(active, torch.linalg.vector_norm(column_mass - b, dim=-1), error)
+        # In float64: squared violations of a plan of total mass 1e30 overflow float32 (the error
+        # read inf), those of mass 1e-30 underflow (it read 0).
+        violation = torch.linalg.vector_norm((column_mass - b).double(), dim=-1).to(cost.dtype)
+        error = torch.where(active, violation, error)
         n_iter += active
         active = active & ~(error < tol)
         if cost.device.type == "cpu" and not bool(active.any()):
