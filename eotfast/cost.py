@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_point_batches
+from eotfast._validation import check_finite_values, check_point_batches, values_checkable
 from eotfast.ops import solve
 from eotfast.ops.registry import resolve_backend
 
@@ -41,4 +41,15 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
     """
     check_point_batches(x, y)
     backend = resolve_backend(backend, x.device)
-    return solve.cost_matrix(x, y, backend)
+    cost = solve.cost_matrix(x, y, backend)
+    if values_checkable(cost) and not bool(torch.isfinite(torch.aminmax(cost).max)):
+        # Finite points whose squared distances leave the dtype's range (1e20 against -1e20
+        # in float32): say so here, not as a NaN or inf cost in a later step.
+        check_finite_values("x", x)
+        check_finite_values("y", y)
+        raise ValueError(
+            f"the squared distances between x and y overflow {cost.dtype} (largest |x| "
+            f"{float(x.abs().amax()):.3g}, largest |y| {float(y.abs().amax()):.3g}): rescale "
+            "the points or pass float64"
+        )
+    return cost

@@ -55,6 +55,11 @@ BEFORE_DISPATCH = [
     (lambda: eotfast.pair(x, y.to("meta")), ValueError, "y is on meta but x is on cpu"),
     (lambda: eotfast.pair([[1.0]], y), TypeError, "x must be a torch.Tensor"),
     (lambda: eotfast.emd(nan_cost), ValueError, "cost contains NaN"),
+    (
+        lambda: eotfast.pair(torch.full((4, 3), 1e20), torch.full((5, 3), -1e20)),
+        ValueError,
+        "squared distances between x and y overflow torch.float32",
+    ),
     (lambda: eotfast.emd(cost, max_iter=0), ValueError, "max_iter must be an integer from 1"),
     (lambda: eotfast.emd(cost, max_iter=-1), ValueError, "max_iter must be an integer from 1"),
     (lambda: eotfast.sinkhorn(cost, max_iter=2**63), ValueError, "max_iter must be an integer"),
