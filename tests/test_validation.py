@@ -55,6 +55,15 @@ BEFORE_DISPATCH = [
     (lambda: eotfast.pair(x, y.to("meta")), ValueError, "y is on meta but x is on cpu"),
     (lambda: eotfast.pair([[1.0]], y), TypeError, "x must be a torch.Tensor"),
     (lambda: eotfast.emd(nan_cost), ValueError, "cost contains NaN"),
+    (lambda: eotfast.sinkhorn(cost, reg=1e-40), ValueError, "reg=1e-40 gives epsilon"),
+    (lambda: eotfast.sinkhorn(cost, reg=1e300), ValueError, "outside the positive normal"),
+    (lambda: eotfast.sinkhorn(cost * 1e-38), ValueError, "outside the positive normal range"),
+    (lambda: eotfast.pair(x, y, reg=1e-40), ValueError, "reg=1e-40 gives epsilon"),
+    (
+        lambda: eotfast.sinkhorn(cost, reg=1e-40, relative_reg=False),
+        ValueError,
+        "outside the positive normal range of torch.float32",
+    ),
     (
         lambda: eotfast.pair(torch.full((4, 3), 1e20), torch.full((5, 3), -1e20)),
         ValueError,

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_iteration_limit, check_positive, check_tensor
+from eotfast._validation import (
+    check_iteration_limit,
+    check_positive,
+    check_tensor,
+    values_checkable,
+)
 from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
 from eotfast.ops.registry import backend_ops, resolve_backend
 
@@ -52,6 +57,7 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
     b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
+    check_epsilon_range(epsilon, cost, reg, relative_reg)
     offset = cost.amin(dim=(-2, -1))  # [...]
     shifted_cost = cost - offset[..., None, None]  # [..., n, m]
     f, g, n_iter, error = backend_ops(backend).sinkhorn(
@@ -65,6 +71,26 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
         marginal_error=error.reshape(batch_shape),
     )
     return result, shifted_cost, offset
+
+
+def check_epsilon_range(epsilon, cost, reg, relative_reg) -> None:
+    """Every epsilon a positive normal number of the solve dtype: reg = 1e-40, reg = 1e300,
+    or a cost spread of 1e200 (float64) or under 1e-37 (float32) gave f = -inf, g = NaN and
+    pairs all on column 0. Read on CPU tensors only (a GPU read would sync)."""
+    if not values_checkable(epsilon):
+        return
+    info = torch.finfo(epsilon.dtype)
+    low, high = torch.aminmax(epsilon)
+    if not (bool(low >= info.tiny) and bool(high <= info.max)):
+        bad = float(low) if not bool(low >= info.tiny) else float(high)
+        scale = (
+            f"reg x std(cost), std(cost) up to {float(high) / reg:.3g}" if relative_reg else "reg"
+        )
+        raise ValueError(
+            f"reg={reg:g} gives epsilon = {bad:.3g} ({scale}), outside the positive normal "
+            f"range of {epsilon.dtype} [{info.tiny:.3g}, {info.max:.3g}]; choose reg so that "
+            "epsilon is of the order of the costs' spread"
+        )
 
 
 def draw_partners(cost, result: SinkhornResult, sampling: str, generator, backend: str):
