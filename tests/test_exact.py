@@ -42,3 +42,15 @@ def test_assignment_reaches_scipy_optimal_cost(batch, n, m):
 def test_assignment_rejects_more_rows_than_columns():
     with pytest.raises(ValueError, match="n <= m"):
         eotfast.assignment(torch.rand(5, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_emd_of_a_low_precision_cost_with_uniform_marginals(dtype):
+    # 1/30 and 1/17 rounded to half precision differ in total mass by ~1e-4: the marginals
+    # are built in float64, as POT solves, and the plan returned in the cost's dtype.
+    cost = torch.rand(30, 17, dtype=torch.float64).to(dtype)
+    plan = eotfast.emd(cost)
+    assert plan.dtype == dtype and plan.shape == (30, 17)
+    expected = ot.emd2(np.full(30, 1 / 30), np.full(17, 1 / 17), cost.double().numpy())
+    total = (plan.double() * cost.double()).sum().item()
+    assert total == pytest.approx(expected, rel=1e-2)  # the plan rounded to the cost's dtype

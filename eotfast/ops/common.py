@@ -174,12 +174,18 @@ def check_solver_values(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
 
 
 def broadcast_marginal(
-    name: str, marginal: torch.Tensor | None, batch_shape: torch.Size, size: int, cost: torch.Tensor
+    name: str,
+    marginal: torch.Tensor | None,
+    batch_shape: torch.Size,
+    size: int,
+    cost: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The marginal as a [B, size] tensor of cost's dtype; uniform when None."""
+    """The marginal as a [B, size] tensor of `dtype` (cost's by default); uniform when None."""
     batch = batch_shape.numel()
+    dtype = cost.dtype if dtype is None else dtype
     if marginal is None:
-        return torch.full((batch, size), 1.0 / size, dtype=cost.dtype, device=cost.device)
+        return torch.full((batch, size), 1.0 / size, dtype=dtype, device=cost.device)
     check_tensor(name, marginal, min_dim=1)
     check_same_device(cost=cost, **{name: marginal})
     if marginal.shape[-1] != size or marginal.shape[:-1] not in (torch.Size(), batch_shape):
@@ -187,7 +193,7 @@ def broadcast_marginal(
             f"{name} must have shape ({size},) or {(*batch_shape, size)} to match cost of shape "
             f"{(*batch_shape, *cost.shape[-2:])}, got {tuple(marginal.shape)}"
         )
-    return marginal.to(cost.dtype).expand(*batch_shape, size).reshape(batch, size)
+    return marginal.to(dtype).expand(*batch_shape, size).reshape(batch, size)
 
 
 def solve_in_float32(op):
