@@ -25,6 +25,7 @@ __all__ = [
     "empty_sinkhorn_solution",
     "epsilon_from_reg",
     "register_sinkhorn_op",
+    "require_dtype",
     "solve_in_float32",
 ]
 
@@ -119,6 +120,16 @@ def check_sinkhorn_arguments(op: str, cost, a, b, epsilon, max_iter, tol) -> Non
         raise ValueError(f"{op}: max_iter must be >= 1, got {max_iter}")
     if not tol >= 0:
         raise ValueError(f"{op}: tol must be a number >= 0, got {tol}")
+
+
+def require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Tensor) -> None:
+    """The kernels read each pointer with the dtype it was compiled for, and the fakes promise
+    the real outputs' dtypes: inputs of any other dtype are rejected by both, with the
+    argument's name."""
+    for name, tensor in tensors.items():
+        if tensor.dtype not in dtypes:
+            expected = " or ".join(str(dtype) for dtype in dtypes)
+            raise TypeError(f"{op}: {name} must be {expected}, got {tensor.dtype}")
 
 
 def check_point_batch_arguments(op: str, x, y) -> None:

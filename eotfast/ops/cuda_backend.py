@@ -15,6 +15,7 @@ from eotfast.ops.common import (
     check_point_batch_arguments,
     empty_sinkhorn_solution,
     register_sinkhorn_op,
+    require_dtype,
     solve_in_float32,
 )
 from eotfast.ops.extensions import require_cuda_extension
@@ -30,10 +31,7 @@ def _stream(tensor: torch.Tensor) -> int:
 
 def _check_cost_matrix_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     check_point_batch_arguments("cost_matrix_cuda", x, y)
-    if x.dtype not in _ELEMENT_TYPES:
-        raise TypeError(
-            f"cost_matrix_cuda: x and y must be float32, float16 or bfloat16, got {x.dtype}"
-        )
+    require_dtype("cost_matrix_cuda", tuple(_ELEMENT_TYPES), x=x, y=y)
 
 
 @custom_op("eotfast::cost_matrix_cuda", mutates_args=(), device_types="cuda")
@@ -69,9 +67,7 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
     """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
     iterations in one launch."""
     extension = require_cuda_extension()
-    for name, tensor in (("cost", cost), ("a", a), ("b", b), ("epsilon", epsilon)):
-        if tensor.dtype != torch.float32:
-            raise TypeError(f"sinkhorn_cuda: {name} must be float32, got {tensor.dtype}")
+    require_dtype("sinkhorn_cuda", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
     cost, a, b, epsilon = (t.contiguous() for t in (cost, a, b, epsilon))
     batch, n, m = cost.shape
     f, g, n_iter, error = empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol)

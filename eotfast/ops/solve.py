@@ -57,7 +57,7 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
     b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
-    check_epsilon_range(epsilon, cost, reg, relative_reg)
+    check_epsilon_range(epsilon, reg, relative_reg)
     offset = cost.amin(dim=(-2, -1))  # [...]
     shifted_cost = cost - offset[..., None, None]  # [..., n, m]
     f, g, n_iter, error = backend_ops(backend).sinkhorn(
@@ -73,7 +73,7 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     return result, shifted_cost, offset
 
 
-def check_epsilon_range(epsilon, cost, reg, relative_reg) -> None:
+def check_epsilon_range(epsilon, reg, relative_reg) -> None:
     """Every epsilon a positive normal number of the solve dtype: reg = 1e-40, reg = 1e300,
     or a cost spread of 1e200 (float64) or under 1e-37 (float32) gave f = -inf, g = NaN and
     pairs all on column 0. Read on CPU tensors only (a GPU read would sync)."""

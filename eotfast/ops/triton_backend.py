@@ -21,6 +21,7 @@ from eotfast.ops.common import (
     check_solver_values,
     empty_sinkhorn_solution,
     register_sinkhorn_op,
+    require_dtype,
     solve_in_float32,
 )
 
@@ -36,20 +37,10 @@ __all__ = [
 _COST_MATRIX_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Tensor) -> None:
-    """The kernels read each pointer with the dtype it was compiled for, and the fakes promise
-    the real outputs' dtypes: inputs of any other dtype are rejected by both, with the
-    argument's name."""
-    for name, tensor in tensors.items():
-        if tensor.dtype not in dtypes:
-            expected = " or ".join(str(dtype) for dtype in dtypes)
-            raise TypeError(f"{op}: {name} must be {expected}, got {tensor.dtype}")
-
-
 # ------------------------------------------------------------------------------- cost_matrix
 def _check_cost_matrix_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
     check_point_batch_arguments("cost_matrix_triton", x, y)
-    _require_dtype("cost_matrix_triton", _COST_MATRIX_DTYPES, x=x, y=y)
+    require_dtype("cost_matrix_triton", _COST_MATRIX_DTYPES, x=x, y=y)
 
 
 @triton_op("eotfast::cost_matrix_triton", mutates_args=())
@@ -74,7 +65,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------- sinkhorn
 def _check_sinkhorn_inputs(cost, a, b, epsilon) -> None:
-    _require_dtype("sinkhorn_triton", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
+    require_dtype("sinkhorn_triton", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
 
 
 def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
@@ -124,8 +115,8 @@ def _check_draw_partners_inputs(cost, g, epsilon, seed) -> None:
             raise ValueError(
                 f"draw_partners_triton: {name} is on {tensor.device}, cost on {cost.device}"
             )
-    _require_dtype("draw_partners_triton", (torch.float32,), cost=cost, g=g, epsilon=epsilon)
-    _require_dtype("draw_partners_triton", (torch.int64,), seed=seed)
+    require_dtype("draw_partners_triton", (torch.float32,), cost=cost, g=g, epsilon=epsilon)
+    require_dtype("draw_partners_triton", (torch.int64,), seed=seed)
 
 
 @triton_op("eotfast::draw_partners_triton", mutates_args=())
