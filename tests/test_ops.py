@@ -100,3 +100,12 @@ def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument,
         fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args.values()]
         with pytest.raises((ValueError, TypeError), match=match):
             function(*fake)
+
+
+def test_sinkhorn_op_signature_matches_the_schema():
+    """torch 2.11's triton_op infers the schema from the function's annotations even when one
+    is given: an unannotated wrapper failed to register there (`import eotfast` raised)."""
+    from eotfast.ops.common import SINKHORN_SCHEMA, with_sinkhorn_checks
+
+    inferred = torch.library.infer_schema(with_sinkhorn_checks("op", None), mutates_args=())
+    assert inferred.replace("SymInt", "int") == SINKHORN_SCHEMA

@@ -4,6 +4,7 @@ trip of the GPU kernels. Nothing here imports a backend."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -150,6 +151,25 @@ def check_point_batch_arguments(op: str, x, y) -> None:
         raise ValueError(f"{op}: y is on {y.device} but x is on {x.device}")
 
 
+def with_sinkhorn_checks(op: str, function):
+    """``function`` behind :func:`check_sinkhorn_arguments`, annotated with the types of
+    SINKHORN_SCHEMA: some torch releases (2.11) infer a triton_op's schema from the annotations
+    even when ``schema=`` is given."""
+
+    def run(
+        cost: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        epsilon: torch.Tensor,
+        max_iter: int,
+        tol: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_sinkhorn_arguments(op, cost, a, b, epsilon, max_iter, tol)
+        return function(cost, a, b, epsilon, max_iter, tol)
+
+    return run
+
+
 def register_sinkhorn_op(
     backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
 ):
@@ -159,14 +179,7 @@ def register_sinkhorn_op(
     ``custom_op`` (opaque to torch.compile: tracing would unroll up to max_iter iterations
     into the graph)."""
     name = f"eotfast::sinkhorn_{backend}"
-
-    def checked(function):
-        def run(cost, a, b, epsilon, max_iter, tol):
-            check_sinkhorn_arguments(f"sinkhorn_{backend}", cost, a, b, epsilon, max_iter, tol)
-            return function(cost, a, b, epsilon, max_iter, tol)
-
-        return run
-
+    checked = functools.partial(with_sinkhorn_checks, f"sinkhorn_{backend}")
     if triton:
         op = torch.library.triton_op(name, checked(solve), mutates_args=(), schema=SINKHORN_SCHEMA)
     else:
