@@ -25,19 +25,21 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2)
     v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
 // Sum over the block, returned to every thread.
-__device__ float block_sum(float v, float* scratch) {
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   v = warp_sum(v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.f;
+  T total = 0;
   for (int w = 0; w < kSinkhornThreads / kWarp; ++w) total += scratch[w];
   __syncthreads();  // scratch is reused by the next call
   return total;
@@ -61,7 +63,7 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
                     float* __restrict__ f, float* __restrict__ g, float* __restrict__ g_next,
                     int64_t* __restrict__ n_iter, float* __restrict__ marginal_error, int64_t n,
                     int64_t m, int64_t max_iter, float tol) {
-  __shared__ float scratch[kSinkhornThreads / kWarp];
+  __shared__ double scratch[kSinkhornThreads / kWarp];
   const int64_t problem = blockIdx.x;
   cost += problem * n * m;
   a += problem * n;
@@ -78,10 +80,12 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
   __syncthreads();
 
   int64_t iteration = 0;
-  float error = INFINITY;
+  // The error is accumulated in float64: in float32 the squares of masses of 1e30 overflow to
+  // inf and those of 1e-30 underflow to 0 (the tests check both against POT's measure).
+  double error = INFINITY;
   while (true) {
     // Column sweep, a thread per column: consecutive threads read consecutive costs.
-    float squared = 0.f;
+    double squared = 0.0;
     for (int64_t j = threadIdx.x; j < m; j += kSinkhornThreads) {
       float max = -INFINITY;
       for (int64_t i = 0; i < n; ++i) max = fmaxf(max, (f[i] - cost[i * m + j]) * inv_epsilon);
@@ -91,11 +95,12 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
           sum += exp_nonpositive((f[i] - cost[i * m + j]) * inv_epsilon - max);
       const float lse = logsumexp_from(max, sum);
       const float mass = expf(g[j] * inv_epsilon + lse);
-      squared += (mass - b[j]) * (mass - b[j]);
+      const double deviation = static_cast<double>(mass) - b[j];
+      squared += deviation * deviation;
       g_next[j] = potential_update(logf(b[j]), lse, epsilon);
     }
     squared = block_sum(squared, scratch);
-    if (iteration > 0) error = sqrtf(squared);
+    if (iteration > 0) error = sqrt(squared);
     // Uniform over the block (every thread holds the same sum). NaN compares false: a
     // problem that went NaN stops and reports it.
     if (!(error >= tol && iteration < max_iter)) break;
@@ -120,7 +125,7 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
   }
   if (threadIdx.x == 0) {
     n_iter[problem] = iteration;
-    marginal_error[problem] = error;
+    marginal_error[problem] = static_cast<float>(error);
   }
 }
 
