@@ -44,6 +44,14 @@ constexpr int64_t kMinEntriesPerThread = int64_t{1} << 15;
 // Spins before a waiting thread yields its core: a barrier is normally reached within
 // microseconds, but yielding keeps an oversubscribed machine from stalling.
 constexpr int kSpinsBeforeYield = 4096;
+// Over-relaxation stall check interval; the same as the torch reference's
+// STALL_CHECK_ROUNDS (eotfast/ops/torch_backend.py).
+constexpr int64_t kStallCheckIterations = 32;
+// Over-relaxation only where the plain iteration is slow: kProbeIterations plain iterations
+// at the target first, then relaxation if the error fell by less than kSlowRate per
+// iteration over their second half (torch_backend.PROBE_ROUNDS / SLOW_RATE, measured there).
+constexpr int64_t kProbeIterations = 16;
+constexpr double kSlowRate = 0.8;
 
 // Column masses below this are not trusted to a relative precision of the float type (their
 // terms sit near the bottom of the exponent range), and take the exact log-sum-exp path.
@@ -53,13 +61,17 @@ template <>
 constexpr double kTrustedMass<double> = 1e-290;
 
 // Row sweep over rows [r0, r1) of cost ([.., m], row-major), given g:
-//   f[r] = epsilon * (log a[r] - LSE_j((g_j - C_rj) / epsilon))  (exact log-domain update)
-//   col_mass[j] += P_rj = exp((f_r + g_j - C_rj) / epsilon)      (the new plan's row)
+//   F_r = epsilon * (log a[r] - LSE_j((g_j - C_rj) / epsilon))  (exact log-domain update)
+//   f[r] = (1 - w) f[r] + w F_r                                 (w = relaxation; 1: plain)
+//   col_mass[j] += P_rj = exp((f_r + g_j - C_rj) / epsilon)     (the new plan's row)
+// Returns sum_r (P_r. 1 - a_r)^2 of the new plan, in double (0 up to rounding when w = 1).
 // `terms` is a scratch row of m entries that stays in L1 between the sweeps.
 template <class T>
-EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1, const T* g,
-                               const T* a, T epsilon, T* f, T* col_mass, T* terms) {
+EOTFAST_HD double row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1, const T* g,
+                                 const T* a, T epsilon, T relaxation, T* f, T* col_mass,
+                                 T* terms) {
   const T inv_epsilon = T(1) / epsilon;
+  double row_squared_error = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = cost + r * m;
     // Max in cost units (epsilon > 0 keeps the argmax): one multiply less per entry.
@@ -72,6 +84,7 @@ EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1,
     if (!(vmax > -std::numeric_limits<T>::infinity())) {
       // Every column has zero mass (or NaN crept in): the row can carry none either.
       f[r] = vmax;
+      row_squared_error += static_cast<double>(a[r]) * a[r];
       continue;
     }
     T sum = 0;
@@ -80,34 +93,47 @@ EOTFAST_HD void row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1,
       terms[j] = exp_nonpositive((g[j] - row[j] - vmax) * inv_epsilon);
       sum += terms[j];
     }
-    f[r] = potential_update(std::log(a[r]), vmax * inv_epsilon + std::log(sum), epsilon);
-    const T row_scale = a[r] / sum;
+    const T update = potential_update(std::log(a[r]), vmax * inv_epsilon + std::log(sum), epsilon);
+    // P_rj = terms_j * a_r / sum at f = update; the relaxed f scales the row by
+    // exp((f - update) / epsilon), which is 1 when w = 1.
+    // Plain where w = 1 or a potential is -inf (a point of zero mass: 0 * -inf is NaN).
+    const bool plain = relaxation == T(1) || !std::isfinite(update) || !std::isfinite(f[r]);
+    const T relaxed = plain ? update : (T(1) - relaxation) * f[r] + relaxation * update;
+    const T row_mass = plain ? a[r] : a[r] * std::exp((relaxed - update) * inv_epsilon);
+    f[r] = relaxed;
+    const double row_violation = static_cast<double>(row_mass) - a[r];
+    row_squared_error += row_violation * row_violation;
+    const T row_scale = row_mass / sum;
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) col_mass[j] += terms[j] * row_scale;
   }
+  return row_squared_error;
 }
 
-EOTFAST_MULTIVERSION void row_sweep_f32(const float* cost, int64_t m, int64_t r0, int64_t r1,
-                                        const float* g, const float* a, float epsilon, float* f,
-                                        float* col_mass, float* terms) {
-  row_sweep_impl(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
+EOTFAST_MULTIVERSION double row_sweep_f32(const float* cost, int64_t m, int64_t r0, int64_t r1,
+                                          const float* g, const float* a, float epsilon,
+                                          float relaxation, float* f, float* col_mass,
+                                          float* terms) {
+  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
 }
 
-EOTFAST_MULTIVERSION void row_sweep_f64(const double* cost, int64_t m, int64_t r0, int64_t r1,
-                                        const double* g, const double* a, double epsilon,
-                                        double* f, double* col_mass, double* terms) {
-  row_sweep_impl(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
+EOTFAST_MULTIVERSION double row_sweep_f64(const double* cost, int64_t m, int64_t r0,
+                                          int64_t r1, const double* g, const double* a,
+                                          double epsilon, double relaxation, double* f,
+                                          double* col_mass, double* terms) {
+  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
 }
 
-inline void row_sweep(const float* cost, int64_t m, int64_t r0, int64_t r1, const float* g,
-                      const float* a, float epsilon, float* f, float* col_mass, float* terms) {
-  row_sweep_f32(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
+inline double row_sweep(const float* cost, int64_t m, int64_t r0, int64_t r1, const float* g,
+                        const float* a, float epsilon, float relaxation, float* f,
+                        float* col_mass, float* terms) {
+  return row_sweep_f32(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
 }
 
-inline void row_sweep(const double* cost, int64_t m, int64_t r0, int64_t r1, const double* g,
-                      const double* a, double epsilon, double* f, double* col_mass,
-                      double* terms) {
-  row_sweep_f64(cost, m, r0, r1, g, a, epsilon, f, col_mass, terms);
+inline double row_sweep(const double* cost, int64_t m, int64_t r0, int64_t r1, const double* g,
+                        const double* a, double epsilon, double relaxation, double* f,
+                        double* col_mass, double* terms) {
+  return row_sweep_f64(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
 }
 
 // lse[j] = LSE_i((f_i - C_ij) / epsilon) for columns [j0, j1), streaming whole rows so the
@@ -165,6 +191,7 @@ struct Problem {
   const T* a;     // [n]
   const T* b;     // [m]
   T epsilon;
+  T epsilon_start;
   T* f;  // [n]
   T* g;  // [m]
   int64_t* n_iter;
@@ -190,7 +217,7 @@ struct Workspace {
 // the other order: f = F(g) by the row sweep, the error of (f, g), then g = G(f).
 template <class T>
 void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, double tol,
-                   Workspace<T>& ws, SpinBarrier& barrier, double* partial_squared_error,
+                   double scaling, double relaxation, Workspace<T>& ws, SpinBarrier& barrier, double* partial_squared_error,
                    int rank, int team_size) {
   const auto [i0, i1] = split_range(n, rank, team_size);
   const auto [j0, j1] = split_range(m, rank, team_size);
@@ -199,19 +226,48 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
   T* g = p.g;
   T* g_new = ws.g_next.data();
 
+  // Epsilon scaling: iteration iter (from 1) runs at max(epsilon, epsilon_start *
+  // scaling^(iter - 1)), the same value in every member of the team.
+  auto epsilon_of = [&](int64_t iter) {
+    const double annealed = static_cast<double>(p.epsilon_start) * std::pow(scaling, iter - 1);
+    return std::max(p.epsilon, static_cast<T>(annealed));
+  };
+  T epsilon = epsilon_of(1);
+  // Over-relaxation only at the target epsilon (the annealing iterations are plain), and
+  // only while the error decreases: every kStallCheckIterations there, a problem whose error
+  // has not gone below the last check's goes on plain (relaxation amplifies rounding noise:
+  // in float32 at epsilon = 1e-3 std(cost) it stalled at 9e-4, the plain iteration at 1e-4).
+  bool relaxing = true;
+  double checkpoint = std::numeric_limits<double>::infinity();
+  // Relaxation mixes the previous f into the new one, so it waits until the previous
+  // iteration ran at the target too (and left f in the gauge below unshifted).
+  bool previous_at_target = false;
+  int64_t target_iterations = 0;  // iterations measured at the target epsilon
+  double probe_error = std::numeric_limits<double>::infinity();
+  auto relaxation_at = [&](T e) {
+    const bool slow = relaxing && target_iterations >= kProbeIterations;
+    return e <= p.epsilon && previous_at_target && slow ? static_cast<T>(relaxation) : T(1);
+  };
+
   // POT starts from f = 0 and updates g first: g = epsilon * (log b - LSE_i(-C_ij / epsilon)).
   std::fill(p.f + i0, p.f + i1, T(0));
   barrier.wait();
-  column_logsumexp(p.cost, n, m, j0, j1, p.f, p.epsilon, g, ws.col_max.data());
-  for (int64_t j = j0; j < j1; ++j) g[j] = potential_update(std::log(p.b[j]), g[j], p.epsilon);
+  column_logsumexp(p.cost, n, m, j0, j1, p.f, epsilon, g, ws.col_max.data());
+  for (int64_t j = j0; j < j1; ++j) g[j] = potential_update(std::log(p.b[j]), g[j], epsilon);
   barrier.wait();
 
   for (int64_t iter = 1;; ++iter) {
     std::fill(my_col_mass, my_col_mass + m, T(0));
-    row_sweep(p.cost, m, i0, i1, g, p.a, p.epsilon, p.f, my_col_mass, my_terms);
+    const T w = relaxation_at(epsilon);
+    // While annealing, g absorbs f_0 (f + c, g - c is the same plan): f stays near 0 as it
+    // does from POT's start. Without it the annealed f ended near the costs' size (2460 on
+    // image costs, d = 3072), g's incremental float32 update froze and the error stalled at
+    // 2.6e-4 at epsilon = 1e-3 std(cost), where the plain iteration reaches 1e-4.
+    const bool regauge = !(epsilon <= p.epsilon);
+    double squared_error =
+        row_sweep(p.cost, m, i0, i1, g, p.a, epsilon, w, p.f, my_col_mass, my_terms);
     barrier.wait();
 
-    double squared_error = 0.0;
     for (int64_t j = j0; j < j1; ++j) {
       T mass = 0;
       for (int r = 0; r < team_size; ++r) mass += ws.col_mass[r * m + j];
@@ -220,11 +276,14 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
       if (p.b[j] == T(0)) {
         g_new[j] = -std::numeric_limits<T>::infinity();
       } else if (mass >= kTrustedMass<T>) {
-        g_new[j] = potential_update_from_mass(g[j], std::log(p.b[j]), mass, p.epsilon);
+        g_new[j] = potential_update_from_mass(g[j], std::log(p.b[j]), mass, epsilon);
       } else {
-        column_logsumexp(p.cost, n, m, j, j + 1, p.f, p.epsilon, g_new, ws.col_max.data());
-        g_new[j] = potential_update(std::log(p.b[j]), g_new[j], p.epsilon);
+        column_logsumexp(p.cost, n, m, j, j + 1, p.f, epsilon, g_new, ws.col_max.data());
+        g_new[j] = potential_update(std::log(p.b[j]), g_new[j], epsilon);
       }
+      if (w != T(1) && std::isfinite(g_new[j]) && std::isfinite(g[j]))
+        g_new[j] = (T(1) - w) * g[j] + w * g_new[j];
+      if (regauge) g_new[j] += p.f[0];
     }
     partial_squared_error[rank] = squared_error;
     barrier.wait();
@@ -232,17 +291,34 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
     squared_error = 0.0;
     for (int r = 0; r < team_size; ++r) squared_error += partial_squared_error[r];
     const double error = std::sqrt(squared_error);
+    // A problem may stop on its error only at the target epsilon; stopped earlier by
+    // max_iter, its potentials belong to a larger epsilon and the error says so (inf).
+    const bool at_target = epsilon <= p.epsilon;
+    previous_at_target = at_target;
     // Every member sums the same partials in the same order, so all take the same branch.
-    if (error < tol || iter == max_iter || std::isnan(error)) {
+    if (at_target) {
+      ++target_iterations;
+      if (target_iterations == kProbeIterations / 2) probe_error = error;
+      if (target_iterations == kProbeIterations &&
+          error < probe_error * std::pow(kSlowRate, kProbeIterations / 2))
+        relaxing = false;
+    }
+    if (target_iterations > kProbeIterations && iter % kStallCheckIterations == 0) {
+      if (!(error < checkpoint)) relaxing = false;
+      checkpoint = error;
+    }
+    if ((at_target && error < tol) || iter == max_iter || std::isnan(error)) {
       if (rank == 0) {
         *p.n_iter = iter;
-        *p.marginal_error = static_cast<T>(error);
+        *p.marginal_error = static_cast<T>(
+            at_target || std::isnan(error) ? error : std::numeric_limits<double>::infinity());
       }
       break;
     }
     // Safe without a barrier: the next row sweep reads all of g_new, written before the
     // barrier above; the old g is not read again before the barrier after that sweep.
     std::swap(g, g_new);
+    epsilon = epsilon_of(iter + 1);
   }
   // The returned g may sit in the workspace buffer after an odd number of swaps.
   if (g != p.g) std::copy(g + j0, g + j1, p.g + j0);
@@ -258,9 +334,11 @@ void run_team(int team_size, F&& body) {
 }
 
 void check_args(const void* cost, const void* a, const void* b, const void* epsilon,
-                const void* f, const void* g, const void* n_iter, const void* marginal_error,
-                int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol) {
-  if (!cost || !a || !b || !epsilon || !f || !g || !n_iter || !marginal_error)
+                const void* epsilon_start, const void* f, const void* g, const void* n_iter,
+                const void* marginal_error, int64_t batch, int64_t n, int64_t m,
+                int64_t max_iter, double tol, double scaling, double relaxation) {
+  if (!cost || !a || !b || !epsilon || !epsilon_start || !f || !g || !n_iter ||
+      !marginal_error)
     throw std::invalid_argument("sinkhorn_cpu: null data pointer");
   if (batch < 1 || n < 1 || m < 1)
     throw std::invalid_argument("sinkhorn_cpu: batch, n and m must be >= 1, got batch=" +
@@ -271,18 +349,26 @@ void check_args(const void* cost, const void* a, const void* b, const void* epsi
                                 std::to_string(max_iter));
   if (!(tol >= 0.0))
     throw std::invalid_argument("sinkhorn_cpu: tol must be >= 0, got " + std::to_string(tol));
+  if (!(scaling > 0.0 && scaling < 1.0))
+    throw std::invalid_argument("sinkhorn_cpu: scaling must be in (0, 1), got " +
+                                std::to_string(scaling));
+  if (!(relaxation >= 1.0 && relaxation < 2.0))
+    throw std::invalid_argument("sinkhorn_cpu: relaxation must be in [1, 2), got " +
+                                std::to_string(relaxation));
 }
 
 }  // namespace
 
 template <class T>
-void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, T* f, T* g,
-                  int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n, int64_t m,
-                  int64_t max_iter, double tol, int num_threads) {
-  check_args(cost, a, b, epsilon, f, g, n_iter, marginal_error, batch, n, m, max_iter, tol);
+void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* epsilon_start,
+              T* f, T* g, int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n,
+              int64_t m, int64_t max_iter, double tol, double scaling, double relaxation,
+              int num_threads) {
+  check_args(cost, a, b, epsilon, epsilon_start, f, g, n_iter, marginal_error, batch, n, m,
+             max_iter, tol, scaling, relaxation);
   auto problem = [&](int64_t k) {
-    return Problem<T>{cost + k * n * m, a + k * n,      b + k * m,     epsilon[k],
-                      f + k * n,        g + k * m,      n_iter + k,    marginal_error + k};
+    return Problem<T>{cost + k * n * m, a + k * n,  b + k * m,  epsilon[k], epsilon_start[k],
+                      f + k * n,        g + k * m,  n_iter + k, marginal_error + k};
   };
   int64_t threads = std::max(1, num_threads);
   threads = std::min(threads, std::max<int64_t>(1, batch * n * m / kMinEntriesPerThread));
@@ -298,8 +384,8 @@ void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, T* f, T* 
       SpinBarrier alone(1);
       double squared_error = 0.0;
       for (int64_t k; (k = next_problem.fetch_add(1)) < batch;)
-        solve_problem(problem(k), n, m, max_iter, tol, workspaces[rank], alone, &squared_error,
-                      0, 1);
+        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, workspaces[rank],
+                      alone, &squared_error, 0, 1);
     });
   } else {
     // Fewer problems than threads: the team splits the rows and columns of each problem.
@@ -309,17 +395,17 @@ void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, T* f, T* 
     std::vector<double> partial_squared_error(threads, 0.0);
     run_team(static_cast<int>(threads), [&](int rank) {
       for (int64_t k = 0; k < batch; ++k)
-        solve_problem(problem(k), n, m, max_iter, tol, workspace, barrier,
+        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, workspace, barrier,
                       partial_squared_error.data(), rank, static_cast<int>(threads));
     });
   }
 }
 
 template void sinkhorn<float>(const float*, const float*, const float*, const float*,
-                                  float*, float*, int64_t*, float*, int64_t, int64_t, int64_t,
-                                  int64_t, double, int);
+                              const float*, float*, float*, int64_t*, float*, int64_t, int64_t,
+                              int64_t, int64_t, double, double, double, int);
 template void sinkhorn<double>(const double*, const double*, const double*, const double*,
-                                   double*, double*, int64_t*, double*, int64_t, int64_t,
-                                   int64_t, int64_t, double, int);
+                               const double*, double*, double*, int64_t*, double*, int64_t,
+                               int64_t, int64_t, int64_t, double, double, double, int);
 
 }  // namespace eotfast::cpu

@@ -37,3 +37,15 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 def multiprocessor_count(device: torch.device) -> int:
     """SMs of a CUDA device (cached: the launchers ask on every call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def register_cap(maxnreg: int) -> dict:
+    """The ``maxnreg`` launch option (PTX ``.maxnreg``), except while torch.compile traces an
+    op: not every torch release passes a user kernel's compiler options through Inductor, and
+    a compiled graph then gets ptxas's default, which is correct, with at most a few spills.
+
+    Without a cap, ptxas trades registers for occupancy on its own: on the auction kernel it
+    spilled the loop-carried scalars of the phase and round loops (n_bids, the queue's length)
+    to reach 64 or 80 registers, and on the Sinkhorn kernel 20-28 bytes at 64 registers
+    (sm_90)."""
+    return {} if torch.compiler.is_compiling() else {"maxnreg": maxnreg}

@@ -27,8 +27,9 @@ def test_fixed_iterations_match_pot(
     reg, iters = 0.1, 15
     on_device = [None if t is None else t.to(device) for t in (cost, a, b)]
     result = eotfast.sinkhorn(
-        *on_device, reg=reg, relative_reg=relative_reg, max_iter=iters, tol=0.0, backend=backend
-    )
+        *on_device, reg=reg, relative_reg=relative_reg, max_iter=iters, tol=0.0, backend=backend,
+        scaling=None,  # the plain iteration: POT's iterates
+    )  # fmt: skip
     result = eotfast.SinkhornResult(*(t.cpu() for t in result))
     precision = solve_dtype(backend, dtype)
     assert result.f.shape == (*batch, n) and result.g.shape == (*batch, m)
@@ -65,22 +66,40 @@ def test_converged_plan_matches_pot_and_reports_its_error(backend, device, rando
     result = eotfast.SinkhornResult(*(t.cpu() for t in result))
     plan = result.plan(cost.double()).numpy()
     pot_plan, *_ = pot_sinkhorn_log(cost, a, b, 0.05, stopThr=1e-12, numItermax=10000)
-    np.testing.assert_allclose(plan, pot_plan, atol=1e-9 if precision == torch.float64 else 1e-6)
-    # The reported error is that of the returned plan, measured here independently.
-    column_error = np.linalg.norm(plan.sum(0) - b.double().numpy())
+    # float32: a marginal error below 1e-6 bounds the plan's distance to POT's only up to the
+    # problem's conditioning; over-relaxed iterates end 1.6e-6 away (plain ones 1e-6).
+    np.testing.assert_allclose(plan, pot_plan, atol=1e-9 if precision == torch.float64 else 3e-6)
+    # The reported error is that of the returned plan, rows and columns, measured here
+    # independently (over-relaxed, the rows are not exact either).
+    row_violation = plan.sum(1) - a.double().numpy()
+    column_violation = plan.sum(0) - b.double().numpy()
+    measured = np.sqrt(np.sum(row_violation**2) + np.sum(column_violation**2))
     assert result.marginal_error.item() < tol
-    assert result.marginal_error.item() == pytest.approx(column_error, rel=0.05, abs=1e-7)
-    np.testing.assert_allclose(
-        plan.sum(1), a.double().numpy(), atol=1e-12 if precision == torch.float64 else 1e-6
-    )
+    # float32 potentials carry ~ulp(f) / epsilon = 2.4e-6 relative rounding into each entry,
+    # which the kernel's measure and this one see differently.
+    slack = 1e-7 if precision == torch.float64 else 1e-6
+    assert result.marginal_error.item() == pytest.approx(measured, rel=0.05, abs=slack)
 
 
-def test_agrees_with_the_torch_reference_on_batched_float32(backend, device, random_problem):
+@pytest.mark.parametrize("accelerated", [False, True])
+def test_agrees_with_the_torch_reference_on_batched_float32(
+    backend, device, random_problem, accelerated
+):
     cost, a, b = random_problem((4,), 50, 70, dtype=torch.float32, uniform=False)
-    reference = eotfast.sinkhorn(cost, a, b, backend="torch")
-    ours = eotfast.sinkhorn(cost.to(device), a.to(device), b.to(device), backend=backend)
+    # Plain: the same iterates, so the same count up to where float32 rounding crosses tol.
+    # Accelerated (the defaults: epsilon scaling, over-relaxation): the C++ kernel relaxes f
+    # then g and re-gauges while annealing, the others g then f, so only the fixed point
+    # agrees (counts of 36 against 63 on one problem, 58 against 31 on another).
+    options = {} if accelerated else {"scaling": None}
+    reference = eotfast.sinkhorn(cost, a, b, backend="torch", **options)
+    ours = eotfast.sinkhorn(cost.to(device), a.to(device), b.to(device), backend=backend, **options)
     ours = eotfast.SinkhornResult(*(t.cpu() for t in ours))
-    assert (ours.n_iter - reference.n_iter).abs().max() <= 1
+    if not accelerated:
+        assert (ours.n_iter - reference.n_iter).abs().max() <= 1
+    assert (ours.marginal_error < 1e-4).all()
+    if accelerated:  # potentials are defined up to f + c, g - c: compare the plans
+        torch.testing.assert_close(ours.plan(cost), reference.plan(cost), atol=1e-4, rtol=0)
+        return
     atol = 1e-4 * cost.max().item()
     torch.testing.assert_close(ours.f, reference.f, atol=atol, rtol=0)
     torch.testing.assert_close(ours.g, reference.g, atol=atol, rtol=0)
@@ -184,7 +203,7 @@ def test_marginal_error_of_huge_and_tiny_masses_is_measured_not_inf_or_zero(
     cost, a, b = (t.to(dtype) for t in (cost, a, b))
     result = eotfast.sinkhorn(
         cost.to(device), a.to(device), b.to(device), reg=0.1, relative_reg=False, max_iter=3,
-        tol=0.0, backend=backend,
+        tol=0.0, backend=backend, scaling=None,  # POT's 3 plain iterations
     )  # fmt: skip
     plan, *_ = pot_sinkhorn_log(cost, a, b, 0.1, numItermax=3, stopThr=0)
     expected = np.linalg.norm(plan.sum(0) - b.double().numpy())

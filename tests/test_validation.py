@@ -109,6 +109,6 @@ def test_extension_checks_sizes_itself():
     extension = require_cpu_extension()
     t = torch.zeros(4)
     with pytest.raises(ValueError, match="batch, n and m must be >= 1"):
-        extension.sinkhorn_float32(*(t.data_ptr(),) * 8, 1, 0, 2, 10, 0.0, 1)
+        extension.sinkhorn_float32(*(t.data_ptr(),) * 9, 1, 0, 2, 10, 0.0, 0.5, 1.0, 1)
     with pytest.raises(ValueError, match="null data pointer"):
-        extension.sinkhorn_float32(0, *(t.data_ptr(),) * 7, 1, 2, 2, 10, 0.0, 1)
+        extension.sinkhorn_float32(0, *(t.data_ptr(),) * 8, 1, 2, 2, 10, 0.0, 0.5, 1.0, 1)

@@ -57,19 +57,23 @@ void cost_matrix(std::uintptr_t x, std::uintptr_t y, std::uintptr_t out, int ele
   raise_launch_error();
 }
 
-void sinkhorn(std::uintptr_t cost, std::uintptr_t a, std::uintptr_t b,
-                  std::uintptr_t epsilon, std::uintptr_t f, std::uintptr_t g,
-                  std::uintptr_t g_next, std::uintptr_t n_iter, std::uintptr_t marginal_error,
-                  int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol,
-                  std::uintptr_t stream) {
+void sinkhorn(std::uintptr_t cost, std::uintptr_t a, std::uintptr_t b, std::uintptr_t epsilon,
+              std::uintptr_t epsilon_start, std::uintptr_t f, std::uintptr_t g,
+              std::uintptr_t g_next, std::uintptr_t n_iter, std::uintptr_t marginal_error,
+              int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol, double scaling,
+              double relaxation, std::uintptr_t stream) {
   require_device();
   check_sizes(batch, n, m);
   if (max_iter < 1) throw std::invalid_argument("max_iter must be >= 1");
+  if (!(scaling > 0.0 && scaling < 1.0)) throw std::invalid_argument("scaling must be in (0, 1)");
+  if (!(relaxation >= 1.0 && relaxation < 2.0))
+    throw std::invalid_argument("relaxation must be in [1, 2)");
   eotfast::cuda::sinkhorn(ptr<const float>(cost), ptr<const float>(a), ptr<const float>(b),
-                              ptr<const float>(epsilon), ptr<float>(f), ptr<float>(g),
-                              ptr<float>(g_next), ptr<int64_t>(n_iter),
-                              ptr<float>(marginal_error), batch, n, m, max_iter,
-                              static_cast<float>(tol), ptr<void>(stream));
+                          ptr<const float>(epsilon), ptr<const float>(epsilon_start),
+                          ptr<float>(f), ptr<float>(g), ptr<float>(g_next), ptr<int64_t>(n_iter),
+                          ptr<float>(marginal_error), batch, n, m, max_iter,
+                          static_cast<float>(tol), static_cast<float>(scaling),
+                          static_cast<float>(relaxation), ptr<void>(stream));
   raise_launch_error();
 }
 
@@ -83,7 +87,8 @@ PYBIND11_MODULE(_cuda, module) {
              py::arg("element_type"), py::arg("batch"), py::arg("n"), py::arg("m"),
              py::arg("d"), py::arg("stream"));
   module.def("sinkhorn_float32", &sinkhorn, py::arg("cost"), py::arg("a"),
-             py::arg("b"), py::arg("epsilon"), py::arg("f"), py::arg("g"), py::arg("g_next"),
-             py::arg("n_iter"), py::arg("marginal_error"), py::arg("batch"), py::arg("n"),
-             py::arg("m"), py::arg("max_iter"), py::arg("tol"), py::arg("stream"));
+             py::arg("b"), py::arg("epsilon"), py::arg("epsilon_start"), py::arg("f"),
+             py::arg("g"), py::arg("g_next"), py::arg("n_iter"), py::arg("marginal_error"),
+             py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("max_iter"), py::arg("tol"),
+             py::arg("scaling"), py::arg("relaxation"), py::arg("stream"));
 }

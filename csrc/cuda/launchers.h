@@ -15,10 +15,13 @@ void cost_matrix(const void* x, const void* y, float* out, ElementType type, int
 
 // Log-domain Sinkhorn on contiguous float32 [batch, n, m] problems, one thread block per
 // problem, every iteration inside the kernel; each problem stops once ||P^T 1 - b||_2 < tol
-// (or after max_iter iterations). g_next is [batch, m] scratch.
+// (or after max_iter iterations). g_next is [batch, m] scratch. Epsilon scaling: round k runs
+// at max(epsilon, epsilon_start * scaling^k) and may stop only at the target epsilon, where
+// every update is over-relaxed by `relaxation` in [1, 2).
 void sinkhorn(const float* cost, const float* a, const float* b, const float* epsilon,
-                  float* f, float* g, float* g_next, int64_t* n_iter, float* marginal_error,
-                  int64_t batch, int64_t n, int64_t m, int64_t max_iter, float tol, void* stream);
+              const float* epsilon_start, float* f, float* g, float* g_next, int64_t* n_iter,
+              float* marginal_error, int64_t batch, int64_t n, int64_t m, int64_t max_iter,
+              float tol, float scaling, float relaxation, void* stream);
 
 // cudaGetLastError as text, empty when there is none.
 const char* last_error();

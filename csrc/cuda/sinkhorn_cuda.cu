@@ -18,6 +18,12 @@ namespace {
 // single large problem on one SM: 0.9 ms per iteration at n = 1024 on an H100 (bench/README.md).
 constexpr int kSinkhornThreads = 256;
 constexpr int kWarp = 32;
+// Over-relaxation stall check interval: torch_backend.STALL_CHECK_ROUNDS.
+constexpr int64_t kStallCheckRounds = 32;
+// Over-relaxation only where the plain iteration is slow: torch_backend.PROBE_ROUNDS plain
+// rounds at the target first, relaxed if the error fell by less than SLOW_RATE per round.
+constexpr int64_t kProbeRounds = 16;
+constexpr double kSlowRatePower = 0.16777216;  // SLOW_RATE^(kProbeRounds / 2) = 0.8^8
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2)
@@ -45,6 +51,13 @@ __device__ T block_sum(T v, T* scratch) {
   return total;
 }
 
+// (1 - w) old + w new, and new itself where either is -inf (a point of zero mass: 0 * -inf
+// would be NaN) or w = 1.
+__device__ __forceinline__ float relax(float old, float updated, float w) {
+  const bool plain = w == 1.f || old == -INFINITY || updated == -INFINITY;
+  return plain ? updated : (1.f - w) * old + w * updated;
+}
+
 // log-sum-exp from the max and the sum of exp(z - max); a max of -inf (no mass) gives -inf.
 __device__ __forceinline__ float logsumexp_from(float max, float sum) {
   return max == -INFINITY ? -INFINITY : max + logf(sum);
@@ -59,10 +72,11 @@ __device__ __forceinline__ float logsumexp_from(float max, float sum) {
 // tests/test_cuda_compile.py checks.
 __global__ void __launch_bounds__(kSinkhornThreads, 5)
 sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
-                    const float* __restrict__ b, const float* __restrict__ epsilon_per_problem,
-                    float* __restrict__ f, float* __restrict__ g, float* __restrict__ g_next,
-                    int64_t* __restrict__ n_iter, float* __restrict__ marginal_error, int64_t n,
-                    int64_t m, int64_t max_iter, float tol) {
+                const float* __restrict__ b, const float* __restrict__ epsilon_per_problem,
+                const float* __restrict__ epsilon_start_per_problem, float* __restrict__ f,
+                float* __restrict__ g, float* __restrict__ g_next, int64_t* __restrict__ n_iter,
+                float* __restrict__ marginal_error, int64_t n, int64_t m, int64_t max_iter,
+                float tol, float scaling, float relaxation) {
   __shared__ double scratch[kSinkhornThreads / kWarp];
   const int64_t problem = blockIdx.x;
   cost += problem * n * m;
@@ -71,8 +85,11 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
   b += problem * m;
   g += problem * m;
   g_next += problem * m;
-  const float epsilon = epsilon_per_problem[problem];
-  const float inv_epsilon = 1.f / epsilon;
+  const float target_epsilon = epsilon_per_problem[problem];
+  const float epsilon_start = epsilon_start_per_problem[problem];
+  // Epsilon scaling: round k runs at max(target, epsilon_start * scaling^k).
+  float epsilon = fmaxf(target_epsilon, epsilon_start);
+  float inv_epsilon = 1.f / epsilon;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
 
   for (int64_t i = threadIdx.x; i < n; i += kSinkhornThreads) f[i] = 0.f;  // POT's start
@@ -80,12 +97,25 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
   __syncthreads();
 
   int64_t iteration = 0;
+  // The row sweep of a round measures the rows of the plan whose columns the next round's
+  // column sweep measures: each thread's share, carried over (lane 0 of each row's warp).
+  double row_squared = 0.0;
+  bool was_at_target = epsilon <= target_epsilon;
+  // Over-relaxed at the target epsilon only, and only while the error decreases: every
+  // kStallCheckRounds rounds there, an error not below the last check's ends it (the torch
+  // reference's rule: relaxation amplifies rounding noise near the fixed point).
+  bool relaxing = true;
+  double checkpoint = INFINITY;
+  int64_t target_rounds = 0;
+  double probe_error = INFINITY;
   // The error is accumulated in float64: in float32 the squares of masses of 1e30 overflow to
   // inf and those of 1e-30 underflow to 0 (the tests check both against POT's measure).
   double error = INFINITY;
   while (true) {
+    bool at_target = epsilon <= target_epsilon;
+    const float w = at_target && relaxing && target_rounds >= kProbeRounds ? relaxation : 1.f;
     // Column sweep, a thread per column: consecutive threads read consecutive costs.
-    double squared = 0.0;
+    double squared = row_squared;
     for (int64_t j = threadIdx.x; j < m; j += kSinkhornThreads) {
       float max = -INFINITY;
       for (int64_t i = 0; i < n; ++i) max = fmaxf(max, (f[i] - cost[i * m + j]) * inv_epsilon);
@@ -97,16 +127,30 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
       const float mass = expf(g[j] * inv_epsilon + lse);
       const double deviation = static_cast<double>(mass) - b[j];
       squared += deviation * deviation;
-      g_next[j] = potential_update(logf(b[j]), lse, epsilon);
+      g_next[j] = relax(g[j], potential_update(logf(b[j]), lse, epsilon), w);
     }
     squared = block_sum(squared, scratch);
-    if (iteration > 0) error = sqrt(squared);
+    // The plan (f, g) measured at this round's epsilon (its rows at the previous round's): a
+    // problem may stop on it only at the target epsilon; stopped by max_iter before, the
+    // error is inf (the potentials belong to a larger epsilon).
+    at_target = at_target && was_at_target;
+    if (iteration > 0) error = at_target || isnan(squared) ? sqrt(squared) : INFINITY;
+    if (at_target && iteration > 0) {
+      ++target_rounds;
+      if (target_rounds == kProbeRounds / 2) probe_error = error;
+      if (target_rounds == kProbeRounds && error < probe_error * kSlowRatePower) relaxing = false;
+    }
+    if (at_target && target_rounds > kProbeRounds && iteration % kStallCheckRounds == 0) {
+      if (!(error < checkpoint)) relaxing = false;
+      checkpoint = error;
+    }
     // Uniform over the block (every thread holds the same sum). NaN compares false: a
     // problem that went NaN stops and reports it.
-    if (!(error >= tol && iteration < max_iter)) break;
+    if (!((!at_target || error >= tol) && iteration < max_iter)) break;
     for (int64_t j = threadIdx.x; j < m; j += kSinkhornThreads) g[j] = g_next[j];
     __syncthreads();
     // Row sweep, a warp per row: lanes read consecutive costs.
+    row_squared = 0.0;
     for (int64_t i = warp; i < n; i += kSinkhornThreads / kWarp) {
       const float* cost_row = cost + i * m;
       float max = -INFINITY;
@@ -118,10 +162,20 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
         for (int64_t j = lane; j < m; j += kWarp)
           sum += exp_nonpositive((g[j] - cost_row[j]) * inv_epsilon - max);
       sum = warp_sum(sum);
-      if (lane == 0) f[i] = potential_update(logf(a[i]), logsumexp_from(max, sum), epsilon);
+      if (lane == 0) {
+        // Relaxed f, and the row mass of the new plan (f, g) it gives: a_i when w = 1.
+        const float lse = logsumexp_from(max, sum);
+        const float relaxed = relax(f[i], potential_update(logf(a[i]), lse, epsilon), w);
+        const double violation = static_cast<double>(expf(relaxed * inv_epsilon + lse)) - a[i];
+        row_squared += violation * violation;
+        f[i] = relaxed;
+      }
     }
+    was_at_target = epsilon <= target_epsilon;
     __syncthreads();
     ++iteration;
+    epsilon = fmaxf(target_epsilon, epsilon_start * powf(scaling, static_cast<float>(iteration)));
+    inv_epsilon = 1.f / epsilon;
   }
   if (threadIdx.x == 0) {
     n_iter[problem] = iteration;
@@ -132,11 +186,13 @@ sinkhorn_kernel(const float* __restrict__ cost, const float* __restrict__ a,
 }  // namespace
 
 void sinkhorn(const float* cost, const float* a, const float* b, const float* epsilon,
-                  float* f, float* g, float* g_next, int64_t* n_iter, float* marginal_error,
-                  int64_t batch, int64_t n, int64_t m, int64_t max_iter, float tol, void* stream) {
+              const float* epsilon_start, float* f, float* g, float* g_next, int64_t* n_iter,
+              float* marginal_error, int64_t batch, int64_t n, int64_t m, int64_t max_iter,
+              float tol, float scaling, float relaxation, void* stream) {
   sinkhorn_kernel<<<static_cast<unsigned>(batch), kSinkhornThreads, 0,
-                        static_cast<cudaStream_t>(stream)>>>(
-      cost, a, b, epsilon, f, g, g_next, n_iter, marginal_error, n, m, max_iter, tol);
+                    static_cast<cudaStream_t>(stream)>>>(cost, a, b, epsilon, epsilon_start, f, g,
+                                                         g_next, n_iter, marginal_error, n, m,
+                                                         max_iter, tol, scaling, relaxation);
 }
 
 }  // namespace eotfast::cuda

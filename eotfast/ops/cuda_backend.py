@@ -63,14 +63,21 @@ def _(x, y):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
     """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
     iterations in one launch."""
     extension = require_cuda_extension()
-    require_dtype("sinkhorn_cuda", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
-    cost, a, b, epsilon = (t.contiguous() for t in (cost, a, b, epsilon))
+    require_dtype(
+        "sinkhorn_cuda", (torch.float32,),
+        cost=cost, a=a, b=b, epsilon=epsilon, epsilon_start=epsilon_start,
+    )  # fmt: skip
+    cost, a, b, epsilon, epsilon_start = (
+        t.contiguous() for t in (cost, a, b, epsilon, epsilon_start)
+    )
     batch, n, m = cost.shape
-    f, g, n_iter, error = empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol)
+    f, g, n_iter, error = empty_sinkhorn_solution(
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+    )
     g_next = torch.empty_like(g)
     with torch.cuda.device(cost.device):
         extension.sinkhorn_float32(
@@ -78,6 +85,7 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
             a.data_ptr(),
             b.data_ptr(),
             epsilon.data_ptr(),
+            epsilon_start.data_ptr(),
             f.data_ptr(),
             g.data_ptr(),
             g_next.data_ptr(),
@@ -88,6 +96,8 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
             m,
             max_iter,
             tol,
+            scaling,
+            relaxation,
             _stream(cost),
         )
     return f, g, n_iter, error

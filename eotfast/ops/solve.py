@@ -35,7 +35,16 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
     return backend_ops(backend).cost_matrix(x, y).reshape(*batch_shape, n, m)
 
 
-def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backend):
+# Over-relaxation after epsilon scaling, measured with backend "cpu" (float32, tol 1e-4,
+# epsilon = 0.05 std(cost), bench/_bench_utils.py image_batches, d = 3072) as iterations for
+# w = 1 / 1.5 / 1.8 / 1.9: n = 1024: 1229 / 1238 / 437 / 223 (0.95 s against 4.7 s at w = 1);
+# n = 256: 255 / 92 / 54 / 77; uniform noise, d = 64, n = 1024: 67 / 46 / 41 / 61.
+DEFAULT_RELAXATION = 1.9
+
+
+def sinkhorn_on_shifted_cost(
+    cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation
+):
     """Solves on cost - min(cost) per problem; returns (result for the shifted cost, shifted
     cost, offset). The shift leaves the plan and f unchanged and lowers g by the offset
     (iterate by iterate, so POT's sequence is kept). It matters in float32: image costs sit
@@ -47,6 +56,18 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     check_iteration_limit("max_iter", max_iter)
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if scaling is not None and (
+        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1
+    ):
+        raise ValueError(f"scaling must be None or a number in (0, 1), got {scaling!r}")
+    if relaxation is None:
+        relaxation = DEFAULT_RELAXATION if scaling is not None else 1.0
+    if (
+        isinstance(relaxation, bool)
+        or not isinstance(relaxation, (int, float))
+        or not 1 <= relaxation < 2
+    ):
+        raise ValueError(f"relaxation must be None or a number in [1, 2), got {relaxation!r}")
     # The solvers are not differentiable (no autograd formula is registered): work on detached
     # inputs, so the outputs say so instead of failing in backward.
     cost = cost.detach()
@@ -60,9 +81,16 @@ def sinkhorn_on_shifted_cost(cost, a, b, reg, relative_reg, max_iter, tol, backe
     check_epsilon_range(epsilon, reg, relative_reg)
     offset = cost.amin(dim=(-2, -1))  # [...]
     shifted_cost = cost - offset[..., None, None]  # [..., n, m]
+    # Epsilon scaling starts at the cost's range (its largest entry once shifted), where the
+    # plan is nearly the independent coupling and the first iterations settle at once.
+    if scaling is None:
+        epsilon_start, scaling = epsilon, 0.5  # the plain iteration (scaling then unused)
+    else:
+        epsilon_start = torch.maximum(shifted_cost.amax(dim=(-2, -1)), epsilon)
     f, g, n_iter, error = backend_ops(backend).sinkhorn(
-        shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol)
-    )
+        shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol),
+        epsilon_start.reshape(-1), float(scaling), float(relaxation),
+    )  # fmt: skip
     result = SinkhornResult(
         f=f.reshape(*batch_shape, n),
         g=g.reshape(*batch_shape, m),
