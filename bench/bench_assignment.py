@@ -1,36 +1,49 @@
 """assignment: exact one-to-one pairing of two equal-size batches (the optimal permutation).
 
-Providers: eotfast.assignment (scipy's linear_sum_assignment behind a registered op, batched),
-scipy's linear_sum_assignment called directly, and POT's exact plan (ot.emd) turned into a
-permutation by row argmax. The cost matrix is computed once, outside the timing. Every
-provider must return the same optimal total cost (checked).
+Providers: eotfast.assignment (the auction, batched: `eotfast_cpu` the C++ kernel,
+`eotfast_torch` the PyTorch reference, at n <= 256 only, its Jacobi rounds being slow on a
+CPU), scipy's linear_sum_assignment called directly, and POT's exact plan (ot.emd) turned into
+a permutation by row argmax. The cost matrix is computed once, outside the timing. Every
+provider must reach the optimal total cost (scipy's): exactly for scipy and POT, within the
+auction's certified bound (m * epsilon, ~1e-5 of it by default in float32) for eotfast.
+
+test_assignment_warm_start: the auction after a Sinkhorn solve on the same (shifted) cost, one
+phase at the Sinkhorn epsilon, from the prices -g (`warm`, what pair(sampling="permutation")
+does) or from zero prices scaled down from range / 8 (`cold`); the bids are recorded.
 """
 
 import numpy as np
 import ot
 import pytest
-from _bench_utils import image_batches, record, size_params
+import torch
+from _bench_utils import RELATIVE_REG, TOL, image_batches, record, size_params
 from scipy.optimize import linear_sum_assignment
 
 import eotfast
+from eotfast.assignment import solve_auction, warm_started_assignment
+from eotfast.ops import solve as ops_solve
 
 D = 3072
 SIZES = [(64, 1), (256, 1), (1024, 1), (256, 8)]
 HEAVY = [(4096, 1)]
 
 
-@pytest.mark.parametrize("provider", ["eotfast", "scipy_lsa", "pot_emd"])
+@pytest.mark.parametrize("provider", ["eotfast_cpu", "eotfast_torch", "scipy_lsa", "pot_emd"])
 @pytest.mark.parametrize("n,batch", size_params(SIZES, HEAVY, keys=("n", "b")))
 def test_assignment(benchmark, provider, n, batch):
+    if provider == "eotfast_torch" and n * batch > 256:
+        pytest.skip("the torch reference's Jacobi rounds: n <= 256 on a CPU")
     x, y = image_batches(n, D, batch)
     cost = eotfast.cost_matrix(x, y)  # [batch, n, n] float32
     cost64 = cost.double().numpy()
     uniform = np.full(n, 1 / n)
+    bound, n_bids = [0.0] * batch, None
 
-    if provider == "eotfast":
+    if provider.startswith("eotfast"):
+        backend = provider.removeprefix("eotfast_")
 
         def solve():
-            return eotfast.assignment(cost).numpy()
+            return eotfast.auction(cost, backend=backend)
     elif provider == "scipy_lsa":
 
         def solve():
@@ -43,8 +56,42 @@ def test_assignment(benchmark, provider, n, batch):
             return np.stack([p.argmax(1) for p in plans])
 
     columns = benchmark.pedantic(solve, rounds=1 if n >= 4096 else 3, iterations=1)
+    if provider.startswith("eotfast"):
+        bound, n_bids = columns.bound.tolist(), columns.n_bids.tolist()
+        columns = columns.assignment.numpy()
     totals = [cost64[k][np.arange(n), columns[k]].sum() for k in range(batch)]
     optimal = [cost64[k][linear_sum_assignment(cost64[k])].sum() for k in range(batch)]
-    assert np.allclose(totals, optimal, rtol=1e-9), f"{provider} is not optimal"
+    gap = [(t - o) / o for t, o in zip(totals, optimal, strict=True)]
+    assert all(t <= o * (1 + 1e-9) + b for t, o, b in zip(totals, optimal, bound, strict=True))
     assert all(len(set(c.tolist())) == n for c in columns), f"{provider} is not a permutation"
-    record(benchmark, "assignment", provider, n, D, batch, gap_closed=1.0, distinct_targets=1.0)
+    record(benchmark, "assignment", provider, n, D, batch, gap_closed=1.0, distinct_targets=1.0,
+           relative_excess=max(gap), n_bids=n_bids)  # fmt: skip
+
+
+@pytest.mark.parametrize("start", ["warm", "cold"])
+@pytest.mark.parametrize("n,batch", size_params([(256, 1), (1024, 1)], [(4096, 1)], ("n", "b")))
+def test_assignment_warm_start(benchmark, start, n, batch):
+    x, y = image_batches(n, D, batch)
+    cost = eotfast.cost_matrix(x, y)
+    result, shifted, _ = ops_solve.sinkhorn_on_shifted_cost(
+        cost, None, None, RELATIVE_REG, True, 10_000, TOL, "cpu", 0.5, None
+    )
+    zeros = torch.zeros(batch, n)
+
+    def solve():
+        if start == "warm":
+            return warm_started_assignment(shifted, result, "cpu")
+        span = shifted.amax(dim=(-2, -1))
+        return solve_auction(shifted, zeros, span / 8, result.epsilon, 0.2, 10**9, "cpu")
+
+    out = benchmark.pedantic(solve, rounds=5, iterations=1, warmup_rounds=1)
+    cost64 = cost.double()
+    rows = torch.arange(n)
+    totals = [float(cost64[k][rows, out.assignment[k]].sum()) for k in range(batch)]
+    optimal = [float(cost64[k].numpy()[linear_sum_assignment(cost64[k].numpy())].sum())
+               for k in range(batch)]  # fmt: skip
+    random = [float(cost64[k].mean(1).sum()) for k in range(batch)]
+    gap_closed = min((r - t) / (r - o) for r, t, o in zip(random, totals, optimal, strict=True))
+    record(benchmark, "assignment_after_sinkhorn", f"eotfast_cpu_{start}", n, D, batch,
+           gap_closed=gap_closed, distinct_targets=1.0, n_bids=out.n_bids.tolist(),
+           sinkhorn_epsilon=result.epsilon.tolist())  # fmt: skip

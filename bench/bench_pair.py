@@ -7,8 +7,10 @@ good: the fraction of the random-to-exact transport-cost gap the pairs close, an
 fraction of distinct targets (_bench_utils.pairing_quality).
 
 Providers:
-- eotfast.pair (method "sinkhorn", epsilon = 0.05 * std(cost), backend auto), "exact"
-  (one-to-one optimal), and "random" (the baseline);
+- eotfast.pair (method "sinkhorn", epsilon = 0.05 * std(cost), backend auto), the same with
+  sampling="permutation" (Sinkhorn, then one auction phase at its epsilon from the prices
+  -g: distinct targets), "exact" (the auction: one-to-one optimal, within 1e-5 of the
+  optimum), and "random" (the baseline);
 - torchcfm's OTPlanSampler as its users call it: method "exact" (POT's emd, pairs drawn from
   the plan with replacement) and "sinkhorn" (its default reg = 0.05, absolute);
 - POT: ot.dist + ot.bregman.sinkhorn_log (torch, the same epsilon and tol) + row sampling.
@@ -34,8 +36,9 @@ import eotfast
 
 SIZES = [(64, 3072), (256, 3072), (1024, 3072), (256, 12288)]
 HEAVY = [(4096, 3072), (1024, 12288)]
-PROVIDERS = ["eotfast_sinkhorn", "eotfast_exact", "eotfast_random", "torchcfm_exact",
-             "torchcfm_sinkhorn", "pot_sinkhorn_log"]  # fmt: skip
+PROVIDERS = ["eotfast_sinkhorn", "eotfast_sinkhorn_permutation", "eotfast_exact",
+             "eotfast_random", "torchcfm_exact", "torchcfm_sinkhorn",
+             "pot_sinkhorn_log"]  # fmt: skip
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -47,10 +50,11 @@ def test_pair(benchmark, provider, n, d):
     sources = torch.arange(n)
 
     if provider.startswith("eotfast"):
-        method = provider.removeprefix("eotfast_")
+        method, _, sampling = provider.removeprefix("eotfast_").partition("_")
 
         def solve():
-            return sources, eotfast.pair(x, y, method, reg=RELATIVE_REG, tol=TOL)
+            return sources, eotfast.pair(x, y, method, reg=RELATIVE_REG, tol=TOL,
+                                         sampling=sampling or "sample")  # fmt: skip
     elif provider.startswith("torchcfm"):
         from torchcfm.optimal_transport import OTPlanSampler
 
@@ -82,5 +86,7 @@ def test_pair(benchmark, provider, n, d):
     # torchcfm draws (source, target) pairs, possibly several per source: score the pairs drawn.
     quality = pairing_quality(cost, rows, partners)
     record(benchmark, "pair", provider, n, d, 1, **quality)
-    if provider in ("eotfast_sinkhorn", "eotfast_exact"):
+    if provider in ("eotfast_sinkhorn", "eotfast_sinkhorn_permutation", "eotfast_exact"):
         assert quality["gap_closed"] > 0.9, quality
+    if provider in ("eotfast_sinkhorn_permutation", "eotfast_exact"):
+        assert quality["distinct_targets"] == 1.0, quality

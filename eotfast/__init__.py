@@ -6,6 +6,7 @@
 >>> result = eotfast.sinkhorn(eotfast.cost_matrix(x, y))
 """
 
+from eotfast.assignment import AuctionResult, auction
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
 from eotfast.ops import cpu_backend, host, torch_backend  # noqa: F401  (registers their ops)
@@ -20,7 +21,9 @@ from eotfast.sinkhorn import SinkhornResult, epsilon_from_reg, sinkhorn
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuctionResult",
     "assignment",
+    "auction",
     "available_backends",
     "cost_matrix",
     "cpu_extension_available",

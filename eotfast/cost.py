@@ -41,12 +41,15 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str = "auto") -> t
     """
     check_point_batches(x, y)
     backend = resolve_backend(backend, x.device)
+    # Checked on the inputs, not read off the cost: the Triton kernel clamps a NaN distance to
+    # 0, and the centring spreads one NaN coordinate to every point, so NaN points gave an
+    # all-zero cost.
+    check_finite_values("x", x)
+    check_finite_values("y", y)
     cost = solve.cost_matrix(x, y, backend)
     if values_checkable(cost) and not bool(torch.isfinite(torch.aminmax(cost).max)):
         # Finite points whose squared distances leave the dtype's range (1e20 against -1e20
         # in float32): say so here, not as a NaN or inf cost in a later step.
-        check_finite_values("x", x)
-        check_finite_values("y", y)
         raise ValueError(
             f"the squared distances between x and y overflow {cost.dtype} (largest |x| "
             f"{float(x.abs().amax()):.3g}, largest |y| {float(y.abs().amax()):.3g}): rescale "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from eotfast._validation import check_finite_values, check_point_batches
+from eotfast.assignment import warm_started_assignment
 from eotfast.cost import cost_matrix
 from eotfast.exact import assignment, emd
 from eotfast.ops import solve
@@ -14,7 +15,7 @@ from eotfast.ops.torch_backend import draw_from_log_weights
 __all__ = ["pair", "PAIR_METHODS", "SAMPLING_MODES"]
 
 PAIR_METHODS = ("sinkhorn", "exact", "emd", "random")
-SAMPLING_MODES = ("sample", "argmax")
+SAMPLING_MODES = ("sample", "argmax", "permutation")
 
 
 def _random_pairing(
@@ -36,6 +37,8 @@ def pair(
     relative_reg: bool = True,
     max_iter: int = 1000,
     tol: float = 1e-4,
+    scaling: float | None = 0.5,
+    relaxation: float | None = None,
     sampling: str = "sample",
     generator: torch.Generator | None = None,
     backend: str = "auto",
@@ -54,20 +57,28 @@ def pair(
         Target batch, same leading dimensions, dtype and device.
     method : {"sinkhorn", "exact", "emd", "random"}
         "sinkhorn": entropic plan by :func:`eotfast.sinkhorn`, one target per row drawn from
-        the plan's row (or its argmax); stays on the device, no host sync.
-        "exact": optimal assignment (:func:`eotfast.assignment`, needs n <= m): distinct
-        targets, the minimal total cost. "emd": POT's exact plan (:func:`eotfast.emd`), then
-        drawn from its rows like "sinkhorn". Both exact methods solve on the host.
-        "random": uniformly random partners (distinct when n <= m), the baseline.
-    reg, relative_reg, max_iter, tol
+        the plan's row, its argmax, or the permutation closest to the plan (see
+        ``sampling``); stays on the device, no host sync.
+        "exact": optimal assignment (:func:`eotfast.assignment`, the auction, needs n <= m):
+        distinct targets, the minimal total cost (within ~1e-6 of it), on the device.
+        "emd": POT's exact plan (:func:`eotfast.emd`, solved on the host), then drawn from
+        its rows like "sinkhorn". "random": uniformly random partners (distinct when
+        n <= m), the baseline.
+    reg, relative_reg, max_iter, tol, scaling, relaxation
         Passed to :func:`eotfast.sinkhorn` (method "sinkhorn" only).
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
         Backend of the cost matrix, the Sinkhorn solve and the draw from the plan rows (see
         :func:`eotfast.sinkhorn` and eotfast.ops.registry).
-    sampling : {"sample", "argmax"}
+    sampling : {"sample", "argmax", "permutation"}
         How a target is taken from a plan row: drawn with the row's probabilities (the
         default: pairs follow the plan, as in OT conditional flow matching), or the row's most
-        likely target (several rows may then share a target).
+        likely target (several rows may then share a target). "permutation" (method
+        "sinkhorn", n <= m): distinct targets, by the auction (:func:`eotfast.auction`)
+        warm-started from the plan: one phase at the Sinkhorn epsilon from the prices -g,
+        the plan's column potential (row i of the plan is proportional to
+        exp((g_j - C_ij) / epsilon)). Its total cost is within m * epsilon of the optimal
+        assignment's (the plan's resolution: closer for smaller ``reg``), for a fraction of
+        the bids of a cold solve.
     generator : torch.Generator, optional
         Source of randomness for "sample" and "random", on x's device; fixes the pairs for a
         fixed seed. Leave None inside torch.compile.
@@ -102,6 +113,23 @@ def pair(
     if method == "random":
         return _random_pairing(batch_shape, n, m, x.device, generator)
 
+    permutation = sampling == "permutation" and method == "sinkhorn"
+    if permutation and n > m:
+        raise ValueError(
+            f"sampling='permutation' needs n <= m (each source its own target), got {n} "
+            f"sources and {m} targets; use sampling='sample' or 'argmax'"
+        )
+    if method == "exact" and n > m:
+        raise ValueError(
+            f"method='exact' needs n <= m (each source its own target): x has {n} samples and "
+            f"y has {m}; swap x and y, or use method='sinkhorn'"
+        )
+    if sampling == "permutation" and method == "emd":
+        raise ValueError(
+            "sampling='permutation' applies to method 'sinkhorn'; for an optimal permutation "
+            "use method='exact'"
+        )
+
     cost = cost_matrix(x, y, backend=backend)  # [..., n, m]
     if method == "exact":
         return assignment(cost)
@@ -110,6 +138,8 @@ def pair(
 
     # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
     result, shifted_cost, _ = solve.sinkhorn_on_shifted_cost(
-        cost, None, None, reg, relative_reg, max_iter, tol, backend
+        cost, None, None, reg, relative_reg, max_iter, tol, backend, scaling, relaxation
     )
+    if permutation:
+        return warm_started_assignment(shifted_cost, result, backend).assignment
     return solve.draw_partners(shifted_cost, result, sampling, generator, backend)

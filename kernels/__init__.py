@@ -4,6 +4,8 @@
 - ``sinkhorn``: log-domain Sinkhorn in one launch, each problem on one or several programs
   (grid barriers between them), each stopping on the device.
 - ``draw_partners``: one partner per plan row (Gumbel-max or argmax) without forming the plan.
+- ``auction``: the batched auction (assignment) solver in one launch, one program per problem
+  (Jacobi bidding, epsilon scaling), each stopping on the device.
 
 Each module's ``launch_*`` function is registered as a torch op in
 ``eotfast.ops.triton_backend`` and reached through the public functions with

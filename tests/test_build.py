@@ -60,7 +60,7 @@ def test_cuda_module_is_built_when_a_toolkit_is_present():
 def test_cuda_module_without_gpu_raises_clear_errors():
     _cuda = pytest.importorskip("eotfast._cuda")
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _cuda.sinkhorn_float32(0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0.1, 0)
+        _cuda.sinkhorn_float32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0.1, 0.5, 1.0, 0)
     with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors.*backend='cpu'"):
         eotfast.sinkhorn(torch.rand(3, 3), backend="cuda")
     assert "cuda" not in eotfast.available_backends("cpu")

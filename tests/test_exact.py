@@ -1,5 +1,7 @@
 """eotfast.emd against ot.emd2, eotfast.assignment against scipy's linear_sum_assignment."""
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -26,22 +28,140 @@ def test_emd_reaches_pot_optimal_cost(random_problem, batch, n, m, uniform):
         np.testing.assert_allclose(flat_plan[k].sum(0).numpy(), b_k, atol=1e-12)
 
 
+def _scipy_total(cost) -> float:
+    cost64 = cost.double().cpu().numpy()
+    return float(cost64[scipy.optimize.linear_sum_assignment(cost64)].sum())
+
+
+def _total(cost, columns) -> float:
+    return float(cost.double().cpu()[torch.arange(cost.shape[0]), columns.cpu()].sum())
+
+
+SHAPES = [((), 30, 30), ((4,), 12, 12), ((), 10, 16), ((2, 3), 7, 9), ((), 1, 5), ((), 6, 9)]
+
+
+def skip_slow_interpreter_cases(backend, device, shape, dtype):
+    """The Triton interpreter takes ~20 s for one 12 x 16 auction: one small case there."""
+    if (
+        backend == "triton"
+        and device.type == "cpu"
+        and (shape, dtype) != (SHAPES[-1], torch.float32)
+    ):
+        pytest.skip("Triton interpreter: the small case only")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,n,m", SHAPES)
+def test_auction_is_within_its_bound_of_scipy(backend, device, batch, n, m, dtype):
+    skip_slow_interpreter_cases(backend, device, (batch, n, m), dtype)
+    cost = torch.rand(*batch, n, m, dtype=torch.float64).to(dtype).to(device)
+    result = eotfast.auction(cost, backend=backend)
+    assert isinstance(result, eotfast.AuctionResult)
+    assert result.assignment.shape == (*batch, n) and result.assignment.dtype == torch.int64
+    assert result.prices.shape == (*batch, m) and result.prices.dtype == dtype
+    assert result.epsilon.shape == result.bound.shape == result.n_bids.shape == batch
+    assert all(t.device == cost.device for t in result)
+    assert torch.equal(result.bound, m * result.epsilon)
+    flat = [t.reshape(-1, *t.shape[len(batch) :]).cpu() for t in (cost, *result)]
+    for k in range(flat[0].shape[0]):
+        cost_k, columns, prices, _, _, bound = (t[k] for t in flat)
+        assert columns.unique().numel() == n  # one-to-one
+        # The kernels compare C + p in the cost's dtype: a few units of its precision per row.
+        magnitude = float(cost_k.abs().max()) + float(prices.abs().max())
+        slack = m * 4 * torch.finfo(dtype).eps * magnitude
+        optimum = _scipy_total(cost_k)
+        assert optimum - 1e-9 <= _total(cost_k, columns) <= optimum + float(bound) + slack
+        # The default bound: 1e-6 of the optimum, or 16 ulps of the cost range per column.
+        span = float(cost_k.max() - cost_k.min())
+        assert float(bound) <= 1.001 * max(1e-6 * optimum, m * 16 * torch.finfo(dtype).eps * span)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch,n,m", SHAPES)
+def test_auction_matches_scipy_exactly_on_integer_costs(backend, device, batch, n, m, dtype):
+    skip_slow_interpreter_cases(backend, device, (batch, n, m), dtype)
+    cost = torch.randint(0, 1000, (*batch, n, m)).to(dtype).to(device)
+    result = eotfast.auction(cost, backend=backend)
+    assert (result.bound.cpu() < 1).all()  # so the assignment is optimal
+    flat_cost, flat_columns = cost.reshape(-1, n, m), result.assignment.reshape(-1, n)
+    for k in range(flat_cost.shape[0]):
+        assert _total(flat_cost[k], flat_columns[k]) == _scipy_total(flat_cost[k])
+
+
 @pytest.mark.parametrize("batch,n,m", [((), 30, 30), ((4,), 12, 12), ((), 10, 16)])
 def test_assignment_reaches_scipy_optimal_cost(batch, n, m):
-    cost = torch.rand(*batch, n, m, dtype=torch.float64)
+    cost = torch.randint(0, 100, (*batch, n, m)).double() + torch.rand(()).double()
     columns = eotfast.assignment(cost)
     assert columns.shape == (*batch, n) and columns.dtype == torch.int64
     flat_cost, flat_columns = cost.reshape(-1, n, m), columns.reshape(-1, n)
     for k in range(flat_cost.shape[0]):
-        rows, cols = scipy.optimize.linear_sum_assignment(flat_cost[k].numpy())
         assert len(set(flat_columns[k].tolist())) == n  # one-to-one
-        ours = flat_cost[k][torch.arange(n), flat_columns[k]].sum().item()
-        assert ours == pytest.approx(flat_cost[k].numpy()[rows, cols].sum(), rel=1e-12)
+        assert _total(flat_cost[k], flat_columns[k]) == pytest.approx(
+            _scipy_total(flat_cost[k]), rel=1e-12
+        )
+
+
+def test_assignment_of_a_half_precision_cost():
+    cost = torch.randint(0, 50, (20, 20)).to(torch.bfloat16)
+    columns = eotfast.assignment(cost)
+    assert _total(cost, columns) == _scipy_total(cost)
 
 
 def test_assignment_rejects_more_rows_than_columns():
     with pytest.raises(ValueError, match="n <= m"):
         eotfast.assignment(torch.rand(5, 4))
+
+
+def test_warm_start_from_the_optimal_prices_takes_fewer_bids():
+    cost = torch.rand(3, 60, 70, dtype=torch.float64)
+    cold = eotfast.auction(cost)
+    warm = eotfast.auction(cost, cold.prices, epsilon_start=cold.epsilon)
+    assert (warm.n_bids < cold.n_bids).all(), (warm.n_bids, cold.n_bids)
+    for k in range(3):
+        assert _total(cost[k], warm.assignment[k]) <= _scipy_total(cost[k]) + float(warm.bound[k])
+
+
+def test_a_larger_epsilon_gives_a_larger_bound_and_fewer_bids():
+    cost = torch.rand(2, 50, 50, dtype=torch.float64)
+    fine, coarse = eotfast.auction(cost), eotfast.auction(cost, epsilon=1e-2)
+    assert torch.equal(coarse.bound, torch.full((2,), 50 * 1e-2, dtype=torch.float64))
+    assert (coarse.n_bids < fine.n_bids).all()
+    for k in range(2):
+        assert _total(cost[k], coarse.assignment[k]) <= _scipy_total(cost[k]) + 0.5
+
+
+def test_max_bids_reached_is_reported_and_assignment_refuses_it():
+    cost = torch.rand(2, 20, 20, dtype=torch.float64)
+    result = eotfast.auction(cost, max_bids=5)
+    assert torch.isinf(result.epsilon).all() and torch.isinf(result.bound).all()
+    for columns in result.assignment:
+        assert columns.unique().numel() == 20  # still one-to-one
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(cost=torch.rand(5, 4)), ValueError, "n <= m"),
+        (dict(cost=[[1.0]]), TypeError, "cost must be a torch.Tensor"),
+        (dict(cost=torch.ones(3, 3, dtype=torch.int64)), TypeError, "cost must be a floating"),
+        (dict(cost=torch.tensor([[0.0, float("nan")]])), ValueError, "cost contains NaN"),
+        (dict(prices=torch.zeros(3)), ValueError, r"prices must have shape \(4,\)"),
+        (dict(prices=torch.tensor([0.0, 0, 0, float("inf")])), ValueError, "prices contains"),
+        (dict(epsilon=0.0), ValueError, "epsilon must be a number in"),
+        (dict(epsilon="small"), TypeError, "epsilon must be a number"),
+        (dict(epsilon=torch.tensor(-1.0)), ValueError, "epsilon must be > 0"),
+        (dict(epsilon=torch.ones(2)), ValueError, "epsilon must be a number or a tensor broad"),
+        (dict(epsilon_start=math.inf), ValueError, "epsilon_start must be a number in"),
+        (dict(scaling=1.0), ValueError, "scaling must be a number in"),
+        (dict(max_bids=0), ValueError, "max_bids must be an integer"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_auction_refuses_bad_arguments_naming_them(kwargs, error, match):
+    arguments = dict(cost=torch.rand(3, 4))
+    arguments.update(kwargs)
+    with pytest.raises(error, match=match):
+        eotfast.auction(arguments.pop("cost"), **arguments)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

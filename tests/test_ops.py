@@ -16,7 +16,17 @@ def sample_inputs(device: torch.device) -> dict[str, tuple]:
     b = torch.full((2, 7), 1 / 7, device=device)
     epsilon = torch.full((2,), 0.1, device=device)
     x, y = torch.randn(2, 9, 8, device=device), torch.randn(2, 7, 8, device=device)
-    sinkhorn = (cost, a, b, epsilon, 50, 1e-6)
+    # Epsilon scaling from 4 epsilon down, over-relaxed at the target.
+    sinkhorn = (cost, a, b, epsilon, 50, 1e-6, 4 * epsilon, 0.5, 1.5)
+    # cost^T [2, 7, 9]: the auction needs n <= m.
+    auction = (
+        cost.mT.contiguous(),
+        torch.zeros(2, 9, device=device),
+        torch.ones(2, device=device),
+        torch.full((2,), 1e-3, device=device),
+        0.2,
+        10_000,
+    )
     return {
         "sinkhorn_torch": sinkhorn,
         "sinkhorn_cpu": sinkhorn,
@@ -27,6 +37,9 @@ def sample_inputs(device: torch.device) -> dict[str, tuple]:
         "draw_partners_triton": (cost, b, epsilon, torch.tensor([7], device=device), True),
         "emd_pot": (cost.double(), a.double(), b.double(), 100_000),
         "assignment_scipy": (cost.mT.contiguous(),),
+        "auction_cpu": auction,
+        "auction_torch": auction,
+        "auction_triton": auction,
     }
 
 
@@ -35,6 +48,9 @@ OP_BACKEND = {
     "sinkhorn_torch": "torch", "sinkhorn_cpu": "cpu", "sinkhorn_triton": "triton",
     "sinkhorn_cuda": "cuda", "cost_matrix_triton": "triton", "cost_matrix_cuda": "cuda",
     "draw_partners_triton": "triton", "emd_pot": "torch", "assignment_scipy": "torch",
+    "auction_cpu": "cpu",
+    "auction_torch": "torch",
+    "auction_triton": "triton",
 }  # fmt: skip
 
 
@@ -79,6 +95,9 @@ SINKHORN_OPS = [op for op in OP_BACKEND if op.startswith("sinkhorn_")]
         ("cost", lambda t: t[0], r"cost must be a non-empty \[B, n, m\]"),
         ("a", lambda t: t.double(), "a must have cost's dtype"),
         ("max_iter", lambda value: 0, "max_iter must be >= 1"),
+        ("epsilon_start", lambda t: t.double(), "epsilon_start must have cost's dtype"),
+        ("scaling", lambda value: 1.0, r"scaling must be a number in \(0, 1\)"),
+        ("relaxation", lambda value: 2.0, r"relaxation must be a number in \[1, 2\)"),
     ],
 )
 def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument, bad, match):
@@ -90,7 +109,9 @@ def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument,
     device = backend_device(backend)
     if backend not in eotfast.available_backends(device):
         pytest.skip(f"backend {backend} cannot run here")
-    names = ("cost", "a", "b", "epsilon", "max_iter", "tol")
+    names = (
+        "cost", "a", "b", "epsilon", "max_iter", "tol", "epsilon_start", "scaling", "relaxation"
+    )  # fmt: skip
     args = dict(zip(names, sample_inputs(device)[op], strict=True))
     args[argument] = bad(args[argument])
     function = getattr(torch.ops.eotfast, op).default

@@ -93,7 +93,82 @@ def test_argmax_sampling_takes_each_rows_most_likely_target():
 
 def test_pair_keeps_batch_shape_device_and_dtype():
     x, y = torch.randn(2, 3, 16, 10), torch.randn(2, 3, 16, 10)
-    for method in ("sinkhorn", "exact", "emd", "random"):
-        columns = eotfast.pair(x, y, method=method)
+    cases = [("sinkhorn", "sample"), ("sinkhorn", "permutation"), ("exact", "sample"),
+             ("emd", "sample"), ("random", "sample")]  # fmt: skip
+    for method, sampling in cases:
+        columns = eotfast.pair(x, y, method=method, sampling=sampling)
         assert columns.shape == (2, 3, 16) and columns.dtype == torch.int64
         assert columns.device == x.device
+
+
+def _optimum(cost) -> float:
+    cost64 = cost.double().numpy()
+    return float(cost64[scipy.optimize.linear_sum_assignment(cost64)].sum())
+
+
+def _total(cost, columns) -> float:
+    return float(cost.double()[torch.arange(cost.shape[0]), columns].sum())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_exact_pairs_have_scipys_optimal_cost(clustered_domains, backend):
+    x, y = clustered_domains(n=96, d=300)
+    x, y = x.double(), y.double()
+    columns = eotfast.pair(x, y, method="exact", backend=backend)
+    assert sorted(columns.tolist()) == list(range(96))
+    cost = eotfast.cost_matrix(x, y)
+    assert _total(cost, columns) == pytest.approx(_optimum(cost), rel=1e-9)
+
+
+@pytest.mark.parametrize("n,m", [(64, 64), (40, 64)])
+def test_permutation_sampling_gives_distinct_targets_near_the_optimum(clustered_domains, n, m):
+    # One auction phase at the Sinkhorn epsilon from its prices -g: distinct targets (a
+    # permutation, or an injection when n < m) whose cost is at least the optimum and within
+    # m * epsilon of it, and below that of the pairs sampled from the plan.
+    x, y = clustered_domains(n=m, d=300)
+    x, y = x[:n], y
+    cost = eotfast.cost_matrix(x, y)
+    columns = eotfast.pair(x, y, sampling="permutation")
+    assert columns.shape == (n,) and columns.unique().numel() == n
+    assert ((columns >= 0) & (columns < m)).all()
+    epsilon = float(eotfast.sinkhorn(cost).epsilon)
+    optimum, ours = _optimum(cost), _total(cost, columns)
+    assert optimum * (1 - 1e-6) <= ours <= optimum + m * epsilon
+    sampled = eotfast.pair(x, y, generator=torch.Generator().manual_seed(0))
+    assert ours < _total(cost, sampled)
+    random = cost.double().mean(1).sum().item()
+    assert (random - ours) / (random - optimum) > 0.95  # gap closed
+
+
+def test_permutation_sampling_warm_start_takes_fewer_bids_than_a_cold_solve(clustered_domains):
+    # The same phase (epsilon = the Sinkhorn epsilon) on the same shifted cost: from the
+    # prices -g, against zero prices scaled down from range / 8, the auction's default start.
+    from eotfast.assignment import solve_auction, warm_started_assignment
+    from eotfast.ops import solve
+
+    x, y = clustered_domains(n=128, d=300)
+    cost = eotfast.cost_matrix(x, y)
+    result, shifted, _ = solve.sinkhorn_on_shifted_cost(
+        cost, None, None, 0.05, True, 1000, 1e-4, "cpu", 0.5, None
+    )
+    warm = warm_started_assignment(shifted, result, "cpu")
+    cold = solve_auction(
+        shifted, torch.zeros(128), shifted.amax() / 8, result.epsilon, 0.2, 10**8, "cpu"
+    )
+    assert torch.equal(warm.epsilon, cold.epsilon)
+    assert 2 * int(warm.n_bids) < int(cold.n_bids), (warm.n_bids, cold.n_bids)
+    pairs = eotfast.pair(x, y, sampling="permutation", backend="cpu")
+    assert torch.equal(pairs, warm.assignment)
+
+
+def test_permutation_sampling_refuses_more_sources_than_targets():
+    x, y = torch.randn(10, 5), torch.randn(8, 5)
+    with pytest.raises(ValueError, match="sampling='permutation' needs n <= m"):
+        eotfast.pair(x, y, sampling="permutation")
+    with pytest.raises(ValueError, match="sampling='permutation' applies to method 'sinkhorn'"):
+        eotfast.pair(y, x, method="emd", sampling="permutation")
+
+
+def test_sampling_modes_are_checked():
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        eotfast.pair(torch.randn(4, 3), torch.randn(4, 3), sampling="perm")

@@ -78,10 +78,18 @@ def captured_launches() -> list[dict]:
                 name = f"cost_matrix {str(dtype).removeprefix('torch.')} {shape_name}"
                 cost_matrix.launch_cost_matrix(_meta(batch, n, d, dtype=dtype),
                                                _meta(batch, m, d, dtype=dtype))  # fmt: skip
-            cost, a, b, epsilon = _meta(batch, n, m), _meta(batch, n), _meta(batch, m), _meta(batch)
+            cost, b, epsilon = _meta(batch, n, m), _meta(batch, m), _meta(batch)
             for programs in (1, 4):  # one program per problem, or grid barriers between four
                 name = f"sinkhorn programs={programs} {shape_name}"
-                sinkhorn.launch_sinkhorn(cost, a, b, epsilon, 1000, 1e-4, programs=programs)
+                # Four programs need four 64-wide blocks (the launcher clamps to the problem's
+                # blocks): 192 more rows and columns keep each shape's alignment. A 1 x 1
+                # problem stays one, to check the clamp.
+                grow = 192 if programs > 1 and n > 1 else 0
+                shape = (batch, n + grow, m + grow)
+                sinkhorn.launch_sinkhorn(
+                    _meta(*shape), _meta(*shape[:2]), _meta(batch, shape[2]), epsilon, 1000, 1e-4,
+                    epsilon_start=epsilon, scaling=0.5, relaxation=1.9, programs=programs,
+                )  # fmt: skip
             seed = _meta(1, dtype=torch.int64)
             for sample in (True, False):
                 name = f"draw_partners {'sample' if sample else 'argmax'} {shape_name}"
@@ -89,6 +97,45 @@ def captured_launches() -> list[dict]:
     finally:
         for module, launch in zip(modules, saved, strict=True):
             module.launch = launch
+    return records
+
+
+# ----------------------------------------------------------------------------------- auction
+# (B, n, m, max_bids): multiples of 16 with padding rows (n < m), odd n < m, odd and square
+# with an int64 bid cap, and 1 x 1 with max_bids = 1 (Triton specializes each 1 as a constant).
+AUCTION_SHAPES = {
+    "aligned": (2, 64, 128, 10**9),
+    "odd": (3, 33, 47, 10**9),
+    "odd_square": (2, 17, 17, 2**40),
+    "ones": (1, 1, 1, 1),
+}
+
+
+def auction_launches() -> list[dict]:
+    """kernels/auction.py's launches, float32 and float64, recorded as captured_launches
+    records the others."""
+    from eotfast.kernels import auction
+
+    records: list[dict] = []
+    saved = auction.launch
+    for shape_name, (batch, n, m, max_bids) in AUCTION_SHAPES.items():
+        for dtype in (torch.float32, torch.float64):
+            name = f"auction {str(dtype).removeprefix('torch.')} {shape_name}"
+
+            def recorder(kernel, grid, device, name=name):
+                def record(*args, **kwargs):
+                    records.append(dict(name=name, kernel=kernel, args=args, kwargs=kwargs))
+
+                return record
+
+            auction.launch = recorder
+            try:
+                auction.launch_auction(
+                    _meta(batch, n, m, dtype=dtype), _meta(batch, m, dtype=dtype),
+                    _meta(batch, dtype=dtype), _meta(batch, dtype=dtype), 0.25, max_bids,
+                )  # fmt: skip
+            finally:
+                auction.launch = saved
     return records
 
 
@@ -294,7 +341,7 @@ def probe_launches() -> list[dict]:
 # ----------------------------------------------------------------------------------- report
 def report(arch: int) -> list[dict]:
     rows = []
-    for launch in captured_launches() + probe_launches():
+    for launch in captured_launches() + auction_launches() + probe_launches():
         row = dict(name=launch["name"], kernel=launch["kernel"].fn.__name__, arch=arch)
         try:
             compiled = compile_launch(launch["kernel"], launch["args"], launch["kwargs"], arch)

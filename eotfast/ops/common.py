@@ -1,6 +1,7 @@
 """Pieces every backend's Sinkhorn op shares: the result type, the epsilon rule, the
 documented fake (output allocator), value checks, marginal broadcasting and the float32 round
-trip of the GPU kernels. Nothing here imports a backend."""
+trip of the GPU kernels; and the schema, checks, fake and registration of the auction
+(assignment) op. Nothing here imports a backend."""
 
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ from eotfast._validation import (
 )
 
 __all__ = [
+    "AUCTION_SCHEMA",
     "SOLVER_DTYPES",
     "SinkhornResult",
     "broadcast_marginal",
+    "check_auction_arguments",
     "check_point_batch_arguments",
     "check_sinkhorn_arguments",
     "check_solver_values",
+    "empty_auction_solution",
     "empty_sinkhorn_solution",
     "epsilon_from_reg",
+    "register_auction_op",
     "register_sinkhorn_op",
     "require_dtype",
     "solve_in_float32",
@@ -68,12 +73,14 @@ def epsilon_from_reg(cost: torch.Tensor, reg: float, relative_reg: bool) -> torc
     """
     batch_shape = cost.shape[:-2]
     if not relative_reg:
-        return torch.full(batch_shape, reg, dtype=cost.dtype, device=cost.device)
+        # Through float64: a reg beyond the dtype's range becomes inf, which the range check
+        # names, where torch.full would raise an overflow error about a "value".
+        return torch.full(batch_shape, reg, dtype=torch.float64, device=cost.device).to(cost.dtype)
     std = cost.flatten(-2).std(dim=-1, correction=0)
     return reg * torch.where(std > 0, std, torch.ones_like(std))
 
 
-def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol):
+def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
     """Outputs of a Sinkhorn op on [B, n, m] problems, unfilled: f [B, n], g [B, m] and the
     error [B] in cost's dtype, n_iter [B] int64. The fake of every Sinkhorn op whose outputs
     follow cost's dtype, and the allocator of the C++ one."""
@@ -86,15 +93,21 @@ def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol):
     )
 
 
-# The one schema of every backend's Sinkhorn op: cost [B, n, m], a [B, n], b [B, m], epsilon [B]
-# -> f [B, n], g [B, m], n_iter [B] int64, marginal_error [B].
+# The one schema of every backend's Sinkhorn op: cost [B, n, m], a [B, n], b [B, m], epsilon [B],
+# epsilon_start [B], scaling, relaxation -> f [B, n], g [B, m], n_iter [B] int64,
+# marginal_error [B]. Epsilon scaling: iteration k runs at max(epsilon, epsilon_start *
+# scaling**k), and a problem may stop (error < tol) only once that is epsilon; epsilon_start =
+# epsilon turns it off. At the target epsilon each potential update is over-relaxed by
+# `relaxation` in [1, 2) (1: plain Sinkhorn).
 SINKHORN_SCHEMA = (
-    "(Tensor cost, Tensor a, Tensor b, Tensor epsilon, int max_iter, float tol)"
-    " -> (Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor cost, Tensor a, Tensor b, Tensor epsilon, int max_iter, float tol,"
+    " Tensor epsilon_start, float scaling, float relaxation) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def check_sinkhorn_arguments(op: str, cost, a, b, epsilon, max_iter, tol) -> None:
+def check_sinkhorn_arguments(
+    op: str, cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+) -> None:
     """Shapes, dtypes and devices of a Sinkhorn op's arguments: the ops are public
     (torch.ops.eotfast.sinkhorn_cpu, ...) and pass data pointers to kernels, which must never
     read past a buffer. Metadata only: no device sync, and the fakes run it too."""
@@ -107,6 +120,7 @@ def check_sinkhorn_arguments(op: str, cost, a, b, epsilon, max_iter, tol) -> Non
         ("a", a, (batch, n)),
         ("b", b, (batch, m)),
         ("epsilon", epsilon, (batch,)),
+        ("epsilon_start", epsilon_start, (batch,)),
     ):
         if tuple(tensor.shape) != shape:
             raise ValueError(
@@ -121,6 +135,10 @@ def check_sinkhorn_arguments(op: str, cost, a, b, epsilon, max_iter, tol) -> Non
         raise ValueError(f"{op}: max_iter must be >= 1, got {max_iter}")
     if not tol >= 0:
         raise ValueError(f"{op}: tol must be a number >= 0, got {tol}")
+    if not 0 < scaling < 1:
+        raise ValueError(f"{op}: scaling must be a number in (0, 1), got {scaling}")
+    if not 1 <= relaxation < 2:
+        raise ValueError(f"{op}: relaxation must be a number in [1, 2), got {relaxation}")
 
 
 def require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Tensor) -> None:
@@ -163,9 +181,13 @@ def with_sinkhorn_checks(op: str, function):
         epsilon: torch.Tensor,
         max_iter: int,
         tol: float,
+        epsilon_start: torch.Tensor,
+        scaling: float,
+        relaxation: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_sinkhorn_arguments(op, cost, a, b, epsilon, max_iter, tol)
-        return function(cost, a, b, epsilon, max_iter, tol)
+        arguments = (cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation)
+        check_sinkhorn_arguments(op, *arguments)
+        return function(*arguments)
 
     return run
 
@@ -173,11 +195,12 @@ def with_sinkhorn_checks(op: str, function):
 def register_sinkhorn_op(
     backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
 ):
-    """Registers ``solve(cost, a, b, epsilon, max_iter, tol)`` as eotfast::sinkhorn_<backend>
-    with the one schema and its fake, both behind :func:`check_sinkhorn_arguments`: a
-    ``triton_op`` for Triton launches (torch.compile then sees the kernel), else a
-    ``custom_op`` (opaque to torch.compile: tracing would unroll up to max_iter iterations
-    into the graph)."""
+    """Registers ``solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
+    relaxation)`` as
+    eotfast::sinkhorn_<backend> with the one schema and its fake, both behind
+    :func:`check_sinkhorn_arguments`: a ``triton_op`` for Triton launches (torch.compile then
+    sees the kernel), else a ``custom_op`` (opaque to torch.compile: tracing would unroll up
+    to max_iter iterations into the graph)."""
     name = f"eotfast::sinkhorn_{backend}"
     checked = functools.partial(with_sinkhorn_checks, f"sinkhorn_{backend}")
     if triton:
@@ -185,6 +208,103 @@ def register_sinkhorn_op(
     else:
         op = torch.library.custom_op(
             name, checked(solve), mutates_args=(), device_types=device_types, schema=SINKHORN_SCHEMA
+        )
+    op.register_fake(checked(fake))
+    return op
+
+
+# The one schema of every backend's auction op: cost [B, n, m] (n <= m), initial column prices
+# [B, m], epsilon_start [B], epsilon_final [B] -> assignment [B, n] int64, final prices [B, m],
+# epsilon [B] (epsilon_final, or inf where max_bids stopped a problem), n_bids [B] int64.
+AUCTION_SCHEMA = (
+    "(Tensor cost, Tensor prices, Tensor epsilon_start, Tensor epsilon_final, float scaling,"
+    " int max_bids) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def check_auction_arguments(
+    op: str, cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+) -> None:
+    """Shapes, dtypes and devices of an auction op's arguments, for the same reason as
+    :func:`check_sinkhorn_arguments` (public ops, raw pointers to kernels). Metadata only: no
+    value is read, so it costs no device sync and the fakes run it too."""
+    if cost.dim() != 3 or cost.numel() == 0:
+        raise ValueError(
+            f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
+        )
+    if cost.dtype not in SOLVER_DTYPES:
+        raise TypeError(f"{op}: cost must be torch.float32 or torch.float64, got {cost.dtype}")
+    batch, n, m = cost.shape
+    if n > m:
+        raise ValueError(
+            f"{op}: cost [B, n, m] must have n <= m (each row gets its own column), got "
+            f"{tuple(cost.shape)}; transpose it to assign the columns"
+        )
+    for name, tensor, shape in (
+        ("prices", prices, (batch, m)),
+        ("epsilon_start", epsilon_start, (batch,)),
+        ("epsilon_final", epsilon_final, (batch,)),
+    ):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{op}: {name} must have shape {shape} for cost of shape {tuple(cost.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != cost.dtype:
+            raise TypeError(f"{op}: {name} must have cost's dtype {cost.dtype}, got {tensor.dtype}")
+        if tensor.device != cost.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
+    if not 0 < scaling < 1:
+        raise ValueError(f"{op}: scaling must be a number in (0, 1), got {scaling}")
+    if max_bids < 1:
+        raise ValueError(f"{op}: max_bids must be >= 1, got {max_bids}")
+
+
+def empty_auction_solution(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
+    """Outputs of an auction op on [B, n, m] problems, unfilled: assignment [B, n] and n_bids
+    [B] int64, prices [B, m] and epsilon [B] in cost's dtype. The fake of every auction op, and
+    the allocator of the C++ one."""
+    batch, n, m = cost.shape
+    return (
+        cost.new_empty(batch, n, dtype=torch.int64),
+        cost.new_empty(batch, m),
+        cost.new_empty(batch),
+        cost.new_empty(batch, dtype=torch.int64),
+    )
+
+
+def with_auction_checks(op: str, function):
+    """``function`` behind :func:`check_auction_arguments`, annotated with the types of
+    AUCTION_SCHEMA (see :func:`with_sinkhorn_checks`)."""
+
+    def run(
+        cost: torch.Tensor,
+        prices: torch.Tensor,
+        epsilon_start: torch.Tensor,
+        epsilon_final: torch.Tensor,
+        scaling: float,
+        max_bids: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_auction_arguments(op, cost, prices, epsilon_start, epsilon_final, scaling, max_bids)
+        return function(cost, prices, epsilon_start, epsilon_final, scaling, max_bids)
+
+    return run
+
+
+def register_auction_op(
+    backend: str, solve, fake=empty_auction_solution, *, device_types=None, triton=False
+):
+    """Registers ``solve(cost, prices, epsilon_start, epsilon_final, scaling, max_bids)`` as
+    eotfast::auction_<backend> with AUCTION_SCHEMA and its fake, both behind
+    :func:`check_auction_arguments`: a ``triton_op`` for Triton launches, else a ``custom_op``
+    (opaque to torch.compile, as the bidding loop's length depends on the values)."""
+    name = f"eotfast::auction_{backend}"
+    checked = functools.partial(with_auction_checks, f"auction_{backend}")
+    if triton:
+        op = torch.library.triton_op(name, checked(solve), mutates_args=(), schema=AUCTION_SCHEMA)
+    else:
+        op = torch.library.custom_op(
+            name, checked(solve), mutates_args=(), device_types=device_types, schema=AUCTION_SCHEMA
         )
     op.register_fake(checked(fake))
     return op
@@ -224,9 +344,9 @@ def solve_in_float32(op):
     """A Sinkhorn solve through a float32-only op (the GPU kernels): inputs cast to contiguous
     float32, potentials and error returned in cost's dtype."""
 
-    def solve(cost, a, b, epsilon, max_iter: int, tol: float):
-        inputs = [t.float().contiguous() for t in (cost, a, b, epsilon)]
-        f, g, n_iter, error = op(*inputs, max_iter, tol)
+    def solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+        inputs = [t.float().contiguous() for t in (cost, a, b, epsilon, epsilon_start)]
+        f, g, n_iter, error = op(*inputs[:4], max_iter, tol, inputs[4], scaling, relaxation)
         return f.to(cost.dtype), g.to(cost.dtype), n_iter, error.to(cost.dtype)
 
     return solve

@@ -9,6 +9,13 @@ one signature each (all on flattened [B, ...] batches):
 - ``draw_partners(cost [B, n, m], g [B, m], epsilon [B], sampling, generator) -> [B, n]``:
   one column per row from the plan's row (Gumbel-max draw, or argmax).
 
+and the assignment solver, an op found through the record (``auction``, see
+:func:`backend_auction`): ``auction(cost [B, n, m], prices [B, m], epsilon_start [B],
+epsilon_final [B], scaling, max_bids) -> (assignment [B, n], prices, epsilon, n_bids)``, the
+batched auction of eotfast.ops.common.AUCTION_SCHEMA: ``torch`` has the PyTorch reference
+(any device), ``cpu`` the C++ kernel, ``triton`` the Triton kernel, and ``cuda`` the Triton
+kernel where Triton runs on the device, else the reference.
+
 Its record says where it runs, how fast it is there (``rank``: 0 first, for "auto"), whether
 it can run in this process, and how to load its module, imported on first use (importing
 triton must wait for TRITON_INTERPRET). Adding a backend is one module and one record.
@@ -66,6 +73,8 @@ class Backend:
     rank: dict[str, int]
     runs_on: Callable[[torch.device], bool]  # can run on this device in this process
     hint: Callable[[torch.device], str]  # why not, and what to use instead
+    # device -> its auction op (eotfast.ops.common.AUCTION_SCHEMA), imported on first use
+    auction: Callable[[torch.device], Callable]
 
 
 def _load_triton():
@@ -90,6 +99,28 @@ def _load_torch():
     from eotfast.ops import torch_backend
 
     return torch_backend
+
+
+def _torch_auction(device: torch.device):
+    return _load_torch().auction_torch
+
+
+def _cpu_auction(device: torch.device):
+    return _load_cpu().auction_cpu
+
+
+def _triton_auction(device: torch.device):
+    """eotfast::auction_triton; the torch reference for a triton_backend without it."""
+    module = _load_triton()
+    return getattr(module, "auction_triton", None) or _torch_auction(device)
+
+
+def _cuda_auction(device: torch.device):
+    """csrc/cuda has no auction kernel: the Triton one where Triton runs on the device, else
+    the torch reference."""
+    if triton_runs_on(device):
+        return _triton_auction(device)
+    return _torch_auction(device)
 
 
 def _cpu_hint(device: torch.device) -> str:
@@ -132,6 +163,7 @@ BACKENDS: dict[str, Backend] = {
             rank={"cuda": 0, "cpu": 3},  # on CPU tensors: the interpreter, slowest
             runs_on=triton_runs_on,
             hint=_triton_hint,
+            auction=_triton_auction,
         ),
         Backend(
             name="cuda",
@@ -142,6 +174,7 @@ BACKENDS: dict[str, Backend] = {
             rank={"cuda": 1},
             runs_on=lambda device: device.type == "cuda" and cuda_extension_available(),
             hint=_cuda_hint,
+            auction=_cuda_auction,
         ),
         Backend(
             name="cpu",
@@ -152,6 +185,7 @@ BACKENDS: dict[str, Backend] = {
             rank={"cpu": 0},
             runs_on=lambda device: device.type == "cpu" and cpu_extension_available(),
             hint=_cpu_hint,
+            auction=_cpu_auction,
         ),
         Backend(
             name="torch",
@@ -161,6 +195,7 @@ BACKENDS: dict[str, Backend] = {
             rank={"cuda": 2, "cpu": 1, "*": 0},  # the only one for MPS, XPU, ...
             runs_on=lambda device: True,
             hint=lambda device: "",
+            auction=_torch_auction,
         ),
     )
 }
@@ -212,3 +247,8 @@ def backend_table() -> str:
 def backend_ops(backend: str) -> ModuleType:
     """The module of a resolved backend name: cost_matrix, sinkhorn, draw_partners."""
     return BACKENDS[backend].load()
+
+
+def backend_auction(backend: str, device: torch.device) -> Callable:
+    """The auction op of a resolved backend name for tensors on `device`."""
+    return BACKENDS[backend].auction(torch.device(device))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
+from eotfast._validation import check_finite_values, values_checkable
+from eotfast.kernels.auction import launch_auction
 from eotfast.kernels.cost_matrix import launch_cost_matrix
 from eotfast.kernels.draw_partners import launch_draw_partners
 from eotfast.kernels.sinkhorn import launch_sinkhorn
@@ -20,12 +22,14 @@ from eotfast.ops.common import (
     check_point_batch_arguments,
     check_solver_values,
     empty_sinkhorn_solution,
+    register_auction_op,
     register_sinkhorn_op,
     require_dtype,
     solve_in_float32,
 )
 
 __all__ = [
+    "auction_triton",
     "cost_matrix",
     "cost_matrix_triton",
     "draw_partners",
@@ -64,27 +68,36 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- sinkhorn
-def _check_sinkhorn_inputs(cost, a, b, epsilon) -> None:
-    require_dtype("sinkhorn_triton", (torch.float32,), cost=cost, a=a, b=b, epsilon=epsilon)
+def _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start) -> None:
+    require_dtype(
+        "sinkhorn_triton", (torch.float32,),
+        cost=cost, a=a, b=b, epsilon=epsilon, epsilon_start=epsilon_start,
+    )  # fmt: skip
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol):
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
     """One launch of kernels/sinkhorn.py on contiguous float32 [B, n, m] problems; every
     problem runs to its own stop on the device."""
-    _check_sinkhorn_inputs(cost, a, b, epsilon)
-    return launch_sinkhorn(cost, a, b, epsilon, max_iter, tol)
+    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start)
+    return launch_sinkhorn(
+        cost, a, b, epsilon, max_iter, tol,
+        epsilon_start=epsilon_start, scaling=scaling, relaxation=relaxation,
+    )  # fmt: skip
 
 
-def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol):
-    _check_sinkhorn_inputs(cost, a, b, epsilon)  # float32 in: the outputs are float32 too
-    return empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol)
+def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+    # float32 in: the outputs are float32 too
+    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start)
+    return empty_sinkhorn_solution(
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+    )
 
 
 sinkhorn_triton = register_sinkhorn_op("triton", _sinkhorn, _sinkhorn_fake, triton=True)
 _solve_in_float32 = solve_in_float32(sinkhorn_triton)
 
 
-def sinkhorn(cost, a, b, epsilon, max_iter: int, tol: float):
+def sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
     """float32 throughout (the kernel's dtype); results in cost's dtype."""
     if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does,
         check_solver_values(cost, a, b)  # then what the cast leaves of them
@@ -94,7 +107,7 @@ def sinkhorn(cost, a, b, epsilon, max_iter: int, tol: float):
                 f"{float(cost.abs().amax()):.3g}), which backend='triton' solves in; use "
                 "backend='cpu' or 'torch' for float64 costs this large"
             )
-    return _solve_in_float32(cost, a, b, epsilon, max_iter, tol)
+    return _solve_in_float32(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation)
 
 
 # ----------------------------------------------------------------------------- draw_partners
@@ -140,3 +153,28 @@ def draw_partners(cost, g, epsilon, sampling: str, generator) -> torch.Tensor:
     seed = torch.randint(2**62, (1,), generator=generator, device=cost.device)
     inputs = [t.float().contiguous() for t in (cost, g, epsilon)]
     return draw_partners_triton(*inputs, seed, sampling == "sample")
+
+
+# ----------------------------------------------------------------------------------- auction
+def _auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
+    """One launch of kernels/auction.py on [B, n, m] problems (n <= m) in float32 or float64
+    (the shared checks hold the dtypes): every problem runs all its phases and stops on the
+    device. Values are checked on CPU tensors (the interpreter) only, as the other ops do."""
+    check_finite_values("cost", cost)
+    check_finite_values("prices", prices)
+    if values_checkable(epsilon_final):
+        bad = ~(
+            torch.isfinite(epsilon_start) & (epsilon_final > 0) & (epsilon_start >= epsilon_final)
+        )
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"auction_triton: problem {k} needs finite epsilons with 0 < epsilon_final <= "
+                f"epsilon_start, got epsilon_start={float(epsilon_start[k])}, "
+                f"epsilon_final={float(epsilon_final[k])}"
+            )
+    inputs = [t.contiguous() for t in (cost, prices, epsilon_start, epsilon_final)]
+    return launch_auction(*inputs, scaling, max_bids)
+
+
+auction_triton = register_auction_op("triton", _auction, triton=True)
