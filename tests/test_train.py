@@ -296,15 +296,15 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_interrupt_writes_a_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = Trainer.train_step
+    original = Trainer.next_batch
 
-    def interrupted_step(self):
+    def interrupted_batch(self):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    monkeypatch.setattr(Trainer, "next_batch", interrupted_batch)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_config(tmp_path, steps=5), progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
@@ -345,7 +345,7 @@ def test_evaluate_command_on_a_checkpoint(tmp_path):
         (["--steps", "0"], "must be a positive integer"),
         (["--batch-size", "-4"], "must be a positive integer"),
         (["--reg", "-0.1"], "must be a positive number"),
-        (["--reg", "nan"], "must be a positive number"),
+        (["--reg", "nan"], "must be a finite number"),
         (["--ema-decay", "1.5"], "must be in [0, 1)"),
         (["--channel-mults", "1,x"], "comma-separated integers"),
         (["--image-size", "18", "--channel-mults", "1,2,2"], "divisible by 4"),
@@ -392,3 +392,415 @@ def test_a_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert images.dtype == torch.uint8 and images.shape == (2, 3, 4, 4)
     assert (images[0] == round(30000 / 257)).all(), images[0].unique()
     assert (images[1] == 200).all()
+
+
+# ------------------------------------- TrainConfig: the one validated source of options
+def load_cli():
+    """train.py as a module, to call its main() in-process (no interpreter start per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = load_cli()
+TINY_ARGS = ["--steps", "2", "--batch-size", "4", "--base-channels", "8", "--channel-mults",
+             "1,2", "--attention-levels", "1", "--eval-size", "4", "--sample-steps", "2",
+             "--timesteps", "50", "--no-compile", "--no-progress", "--ot", "exact"]  # fmt: skip
+
+
+def cli_error(capsys, *args) -> str:
+    """Runs train.py's main in-process; asserts exit code 2 and one line on stderr."""
+    try:
+        code = CLI.main([str(a) for a in args])
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_every_option_is_a_field_with_help_and_its_default():
+    import dataclasses
+
+    help_text = " ".join(CLI.build_parser().format_help().split())
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata["help"] and field.metadata["resume"] in ("run", "experiment")
+        name = field.name.replace("_", "-")
+        assert f"--{name}" in help_text or f"--no-{name}" in help_text, name
+    assert "optimizer steps of the whole run (default: 600; in [1," in help_text
+    assert "(default: per data set: digits 16, cmnist 32" in help_text
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(lr=float("inf")), "--lr must be a finite number"),
+        (dict(reg=1e-45), "--reg must be in [1e-06, 1e+06]"),
+        (dict(reg=float("inf")), "--reg must be a finite number"),
+        (dict(out_dir=""), "--out-dir must not be empty"),
+        (dict(attention_levels=(7,)), "--attention-levels must name levels"),
+        (dict(attention_levels=(-1,)), "--attention-levels (every entry) must be in [0"),
+        (dict(channel_mults=()), "--channel-mults must name at least one level"),
+        (dict(channel_mults=(0,)), "--channel-mults (every entry) must be in [1, 64]"),
+        (dict(base_channels=12), "--base-channels must be a multiple of 8"),
+        (dict(seed=-1), "--seed must be >= 0"),
+        (dict(seed=2**70), "--seed must be in [0, 4294967295]"),
+        (dict(source_digit=11), "--source-digit must be in [0, 9]"),
+        (dict(target_digit=10), "--target-digit must be in [0, 9]"),
+        (dict(image_size=1), "--image-size must be in [8, 512]"),
+        (dict(image_size=100_000), "--image-size must be in [8, 512]"),
+        (dict(sample_steps=60, timesteps=50), "--sample-steps (60) must be at most --timesteps"),
+        (dict(eval_size=1), "--eval-size must be in [2,"),
+        (dict(schedule="linear", timesteps=20, sample_steps=2), "linear needs --timesteps >= 21"),
+        (dict(device="bogus"), "--device must be auto, cpu, cuda or cuda:N"),
+        (dict(device="meta"), "--device must be auto, cpu, cuda or cuda:N"),
+        (dict(steps=2.5), "--steps must be an integer"),
+        (dict(compile="yes"), "--compile must be True or False"),
+    ],
+)  # fmt: skip
+def test_python_api_gets_the_cli_checks(overrides, message):
+    from eotfast.ddpm.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        TrainConfig(**overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--device", "bogus"], "--device must be"),
+        (["--device", "meta"], "--device must be"),
+        (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"],
+         "--device cuda"),
+        (["--source-digit", "11"], "--source-digit"),
+        (["--target-digit", "10"], "--target-digit"),
+        (["--channel-mults", "0"], "--channel-mults"),
+        (["--channel-mults", ""], "--channel-mults"),
+        (["--image-size", "1"], "--image-size"),
+        (["--image-size", "100000"], "--image-size"),
+        (["--reg", "inf"], "--reg must be a finite number"),
+        (["--reg", "1e-45"], "--reg"),
+        (["--lr", "inf"], "--lr"),
+        (["--out-dir", ""], "--out-dir must not be empty"),
+        (["--attention-levels", "7"], "--attention-levels"),
+        (["--attention-levels", "-1"], "--attention-levels"),
+        (["--base-channels", "12"], "--base-channels"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**70)], "--seed"),
+        (["--sample-steps", "60", "--timesteps", "50"], "--sample-steps"),
+        (["--eval-size", "1"], "--eval-size"),
+        (["--schedule", "linear", "--timesteps", "20", "--sample-steps", "2"], "--timesteps >= 21"),
+        (["--steps", "many"], "invalid int value"),
+    ],
+)  # fmt: skip
+def test_cli_rejects_unusable_values_in_one_line(capsys, tmp_path, args, message):
+    err = cli_error(capsys, *args, "--out-dir", tmp_path / "run") if "--out-dir" not in args \
+        else cli_error(capsys, *args)  # fmt: skip
+    assert message in err
+    assert not (tmp_path / "run").exists()  # rejected before anything ran
+
+
+def test_unwritable_out_dir_is_found_before_training(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    err = cli_error(capsys, *TINY_ARGS, "--out-dir", blocker / "run")
+    assert "--out-dir" in err and "not a writable folder" in err
+
+
+def write_png_folders(root: Path, count: int = 12) -> None:
+    write_image_folder(root / "trainA", count, seed=0)
+    write_image_folder(root / "trainB", count, seed=1)
+
+
+@pytest.mark.parametrize("bad", ["not_an_image", "empty", "truncated", "directory", "dangling"])
+def test_bad_files_in_an_image_folder_are_named(capsys, tmp_path, bad):
+    root = tmp_path / "data"
+    write_png_folders(root)
+    target = root / "trainA" / "bad.png"
+    if bad == "not_an_image":
+        target.write_text("hello")
+    elif bad == "empty":
+        target.write_bytes(b"")
+    elif bad == "truncated":
+        data = (root / "trainA" / "0.png").read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif bad == "directory":
+        target.mkdir()
+    else:
+        target.symlink_to(root / "missing.png")
+    err = cli_error(capsys, *TINY_ARGS, "--dataset", "folders", "--data-root", root,
+                    "--out-dir", tmp_path / "run")  # fmt: skip
+    assert "bad.png" in err
+
+
+@pytest.mark.parametrize("case", ["no_images", "group", "one_image"])
+def test_unusable_hdf5_files_are_found_before_training(capsys, tmp_path, case):
+    h5py = pytest.importorskip("h5py")
+    root = tmp_path / "data"
+    root.mkdir()
+    write_hdf5(root / "handbag_64.hdf5", 20, 64, seed=1)
+    with h5py.File(root / "shoes_64.hdf5", "w") as file:
+        if case == "no_images":
+            file.create_dataset("imgs", data=np.zeros((0, 64, 64, 3), np.uint8))
+        elif case == "group":
+            file.create_group("imgs")
+        else:
+            file.create_dataset("imgs", data=np.zeros((1, 64, 64, 3), np.uint8))
+    err = cli_error(capsys, *TINY_ARGS, "--dataset", "shoes2bags", "--data-root", root,
+                    "--image-size", "16", "--out-dir", tmp_path / "run")  # fmt: skip
+    assert "shoes_64.hdf5" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    if case == "one_image":
+        assert "too few to hold out a test split" in err
+
+
+def test_cmnist_with_empty_idx_files_is_a_data_error(capsys, tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):  # fmt: skip
+        (raw / name).write_bytes(b"")
+    err = cli_error(capsys, *TINY_ARGS, "--dataset", "cmnist", "--data-root", tmp_path / "data",
+                    "--out-dir", tmp_path / "run")  # fmt: skip
+    assert "cmnist" in err and "MNIST" in err
+
+
+def test_linear_schedule_needs_21_timesteps():
+    with pytest.raises(ValueError, match="at least 21"):
+        beta_schedule("linear", 20)
+    assert beta_schedule("linear", 21).max() < 1
+    assert torch.isfinite(GaussianDiffusion(21, "linear").alpha_bar).all()
+
+
+# ---------------------------------------------------------- what --resume does per flag
+def test_resume_keeps_experiment_flags_and_says_so_in_one_line(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert CLI.main([*TINY_ARGS, "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    code = CLI.main(["--resume", "--out-dir", str(out), "--steps", "3", "--batch-size", "7",
+                     "--lr", "0.5", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    ignored = [line for line in err.splitlines() if "ignored" in line]
+    assert len(ignored) == 1
+    assert "--batch-size 7 (saved: 4)" in ignored[0] and "--lr 0.5 (saved: 0.001)" in ignored[0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 4 and config["lr"] == 0.001 and config["steps"] == 3
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 3
+
+
+def test_resume_without_flags_keeps_the_saved_run_options(tmp_path):
+    from eotfast.ddpm.config import merge_for_resume
+
+    saved = tiny_config(tmp_path, steps=3, compile=False, device="cpu", eval_size=8).to_dict()
+    # Only --out-dir given: steps, eager mode and device stay the saved ones, not the defaults.
+    config, ignored = merge_for_resume(saved, TrainConfig(out_dir="x"), {"out_dir"})
+    assert (config.steps, config.compile, config.device) == (3, False, "cpu") and not ignored
+    # Run options given replace the saved ones; an experiment option given equal is silent.
+    given = TrainConfig(steps=9, compile=True, batch_size=8)
+    config, ignored = merge_for_resume(saved, given, {"steps", "compile", "batch_size"})
+    assert (config.steps, config.compile, config.batch_size) == (9, True, 8) and not ignored
+
+
+def test_resume_below_the_saved_step_says_so(capsys, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(tmp_path, steps=2, ot="exact"), progress=False)
+    err = cli_error(capsys, "--resume", "--out-dir", out, "--steps", "1")
+    assert "--steps 1 is below the checkpoint's step 2" in err
+
+
+def test_resume_with_a_different_model_shape_is_a_checkpoint_error(capsys, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_config(tmp_path, steps=2, ot="exact"), progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["config"]["base_channels"] = 16  # weights of width 8, config of width 16
+    torch.save(state, out / "checkpoint.pt")
+    err = cli_error(capsys, "--resume", "--out-dir", out, "--steps", "3", "--no-progress")
+    assert "do not fit the model" in err
+
+
+# ------------------------------------------------------------------------------- FID
+def test_frechet_distance_matches_the_closed_form_without_scipy_sqrtm(monkeypatch):
+    import scipy.linalg
+
+    from eotfast.ddpm.metrics import frechet_distance
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=generator) * torch.tensor([1, 2, 3, 0.5, 1, 1]) + 1
+    b = torch.randn(400, 6, generator=generator) @ torch.randn(6, 6, generator=generator)
+    A, B = a.double().numpy(), b.double().numpy()
+    cov_a, cov_b = np.cov(A, rowvar=False), np.cov(B, rowvar=False)
+    expected = ((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(
+        cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real
+    )
+
+    def no_sqrtm(*args, **kwargs):
+        raise AssertionError("scipy.linalg.sqrtm called")
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", no_sqrtm)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        frechet_distance(a[:1], b)
+
+
+def test_missing_inception_weights_give_the_same_message(tmp_path, monkeypatch):
+    from eotfast.ddpm.metrics import InceptionFeatures, inception_weights_path
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError) as error:
+        InceptionFeatures()
+    assert str(inception_weights_path()) in str(error.value)
+    assert "FID needs pytorch-fid's Inception weights" in str(error.value)
+
+
+# ---------------------------------------------------------- torchrun (DDP) and bf16
+DDP_WORKER = r"""
+import json, sys
+from pathlib import Path
+
+import torch
+
+from eotfast.ddpm.config import TrainConfig
+from eotfast.ddpm.distributed import all_gather_cat, gather_objects, join, launched_world, leave
+from eotfast.ddpm.trainer import Trainer, run
+
+out, tiny = Path(sys.argv[1]), json.loads(sys.argv[2])
+world = launched_world()
+join(torch.device("cpu"))
+rank, report = world.rank, {}
+config = TrainConfig(**{**tiny, "out_dir": str(out / "steps"), "ot_scope": "global"})
+
+# Global pairing: one problem over both processes' batches, the same on both.
+trainer = Trainer(config, world=world)
+source, target = trainer.next_batch()
+state = trainer.pair_generator.get_state()
+partner = trainer.global_partners(source, target)
+all_sources, all_targets = all_gather_cat(source, world), all_gather_cat(target, world)
+single = Trainer(config)  # a single process pairing the concatenated batches
+single.pair_generator.set_state(state)
+j = single.loss_fn.partners(all_sources, all_targets, generator=single.pair_generator)
+size = len(source)
+report["pairing_is_the_single_process_one"] = torch.equal(
+    partner, all_targets[j[rank * size : (rank + 1) * size]])
+pairings = gather_objects(j, world)
+report["same_pairing_on_every_process"] = all(torch.equal(pairings[0], p) for p in pairings)
+
+# A few steps: weights identical across processes, and equal to one process taking the same
+# steps on the global batches (same partners, timesteps and noise).
+records = []
+for _ in range(3):
+    trainer.model.train()
+    source, target = trainer.next_batch()
+    partner = trainer.global_partners(source, target)
+    records.append((source, partner, torch.get_rng_state()))
+    trainer.apply_gradients(trainer.step_fn(source, target, partner))
+records = gather_objects(records, world)
+weights = gather_objects([p.detach().clone() for p in trainer.model.parameters()], world)
+report["weights_identical_across_processes"] = all(
+    torch.equal(a, b) for other in weights[1:] for a, b in zip(weights[0], other))
+if rank == 0:
+    for step in range(3):
+        losses = []
+        for r in range(world.size):
+            source, partner, rng = records[r][step]
+            torch.set_rng_state(rng)
+            losses.append(single.diffusion.training_loss(single.model, partner, cond=source))
+        single.apply_gradients(sum(losses) / world.size)
+    report["max_difference_to_one_process"] = max(
+        float((a.detach() - b).abs().max())
+        for a, b in zip(single.model.parameters(), weights[0]))
+
+# The run loop: an interrupted and resumed run gives the losses of an uninterrupted one.
+run(TrainConfig(**{**tiny, "steps": 4, "out_dir": str(out / "straight")}), progress=False)
+run(TrainConfig(**{**tiny, "steps": 2, "out_dir": str(out / "resumed")}), progress=False)
+run(TrainConfig(**{**tiny, "steps": 4, "out_dir": str(out / "resumed")}), resume=True,
+    progress=False)
+(out / f"report_{rank}.json").write_text(json.dumps(report))
+del trainer
+leave()
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_with_gloo_pair_globally_and_match_one_process(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    tiny = {k: v for k, v in TINY.items() if k not in ("steps",)}
+    tiny.update(batch_size=4, eval_size=4, log_every=1, checkpoint_every=2, ot="sinkhorn")
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
+         str(tmp_path), json.dumps(tiny)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report_{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["pairing_is_the_single_process_one"]
+        assert report["same_pairing_on_every_process"]
+        assert report["weights_identical_across_processes"]
+    assert reports[0]["max_difference_to_one_process"] < 1e-5
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
+    assert sorted(straight) == [1, 2, 3, 4]  # one line per step: rank 0 alone writes
+    assert resumed == straight
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["ot_scope_used"] == "global"
+    assert len(list((tmp_path / "straight" / "samples").iterdir())) == 1
+
+
+def test_bf16_autocast_runs_on_the_cpu_and_matches_fp32(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, precision="bf16", ot="exact"))
+    assert trainer.autocast is torch.bfloat16
+    seen = []
+    hook = trainer.model.input_conv.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.dtype)
+    )
+    source, target = trainer.next_batch()
+    partner = target[trainer.loss_fn.partners(source, target)]
+    # Train a few steps in fp32 so that the U-Net's output is not the zero of its init.
+    for _ in range(3):
+        trainer.apply_gradients(trainer.diffusion.training_loss(trainer.model, partner, source))
+    torch.manual_seed(1)
+    bf16 = trainer.loss_fn(source, target, partner)
+    torch.manual_seed(1)
+    fp32 = trainer.diffusion.training_loss(trainer.model, partner, cond=source)
+    hook.remove()
+    assert seen[-2] == torch.bfloat16 and seen[-1] == torch.float32
+    assert bf16.dtype == torch.float32  # the loss is reduced in fp32
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+
+
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from eotfast.ddpm.trainer import PairedDenoisingLoss, TrainingDiverged, finite_or_none
+
+    original, calls = PairedDenoisingLoss.forward, {"n": 0}
+
+    def diverging(self, *args):
+        calls["n"] += 1
+        loss = original(self, *args)
+        return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(PairedDenoisingLoss, "forward", diverging)
+    config = tiny_config(tmp_path, steps=4, checkpoint_every=1, log_every=2, ot="exact")
+    with pytest.raises(TrainingDiverged, match="loss became nan by step 2"):
+        run(config, progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert json.dumps(finite_or_none({"psnr": float("nan"), "step": 3})) == (
+        '{"psnr": null, "step": 3}'
+    )

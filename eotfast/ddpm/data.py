@@ -83,6 +83,12 @@ def _split_colored_digits(
     train = resize_uint8(colorize(gray, rng.uniform(0, 360, len(gray))), image_size)
     test = resize_uint8(colorize(test_gray, rng.uniform(0, 360, len(test_gray))), image_size)
     train_labels, test_labels = torch.as_tensor(labels), torch.as_tensor(test_labels)
+    for option, digit in (("--source-digit", source_digit), ("--target-digit", target_digit)):
+        for split, split_labels in (("train", train_labels), ("test", test_labels)):
+            if not (split_labels == digit).any():
+                raise DataError(
+                    f"{name}: no image of class {digit} ({option}) in the {split} split"
+                )
     return DomainData(
         name=name,
         train_source=train[train_labels == source_digit],
@@ -136,6 +142,17 @@ def load_cmnist(
             f"them with torchvision.datasets.MNIST('{root}', download=True) on a machine with "
             f"internet access, then copy the folder here."
         ) from None
+    except Exception as error:  # torchvision's idx reader on empty or malformed files
+        raise DataError(
+            f"cmnist: the MNIST idx files under {root}/MNIST/raw cannot be read "
+            f"({type(error).__name__}: {error}); they must be torchvision's MNIST files"
+        ) from None
+    for split, part in (("train", train), ("test", test)):
+        if len(part.data) == 0 or part.data.ndim != 3 or len(part.data) != len(part.targets):
+            raise DataError(
+                f"cmnist: the MNIST {split} files under {root}/MNIST/raw hold no usable images "
+                f"(images {tuple(part.data.shape)}, labels {tuple(part.targets.shape)})"
+            )
     return _split_colored_digits(
         train.data.float() / 255,
         train.targets.numpy(),
@@ -154,17 +171,23 @@ def _read_hdf5_images(path: Path) -> torch.Tensor:
 
     try:
         with h5py.File(path, "r") as file:
-            if "imgs" not in file:
+            if not isinstance(file.get("imgs"), h5py.Dataset):
                 raise DataError(
                     f"shoes2bags: {path} has no dataset 'imgs' (keys: {sorted(file.keys())})"
                 )
             images = file["imgs"][()]
     except OSError as error:
         raise DataError(f"shoes2bags: cannot read {path} as HDF5: {error}") from None
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.ndim != 4
+        or images.shape[-1] != 3
+        or images.dtype != np.uint8
+        or min(images.shape) == 0
+    ):
         raise DataError(
-            f"shoes2bags: {path}['imgs'] must be uint8 (N, H, W, 3), got "
-            f"{images.dtype} {images.shape}"
+            f"shoes2bags: {path}['imgs'] must be uint8 (N, H, W, 3) with N >= 1, got "
+            f"{getattr(images, 'dtype', type(images).__name__)} {getattr(images, 'shape', '')}"
         )
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
 
@@ -191,6 +214,13 @@ def load_shoes2bags(root: Path, image_size: int) -> DomainData:
         )
     source_train, source_test = _train_test_split(_read_hdf5_images(shoes))
     target_train, target_test = _train_test_split(_read_hdf5_images(bags))
+    splits = ((shoes, source_train, source_test), (bags, target_train, target_test))
+    for path, train, test in splits:
+        if len(train) == 0 or len(test) == 0:
+            raise DataError(
+                f"shoes2bags: {path} has {len(train) + len(test)} image(s), too few to hold out "
+                f"a test split (the last 10%) and keep training images"
+            )
     return DomainData(
         "shoes2bags",
         resize_uint8(source_train, image_size),
@@ -211,21 +241,35 @@ def _rgb8(image):
     return image.convert("RGB")
 
 
-def _read_image_folder(folder: Path, image_size: int) -> torch.Tensor:
+def _read_image(file: Path, image_size: int) -> torch.Tensor:
+    """One image file -> uint8 [3, image_size, image_size]: center crop, bicubic resize."""
     from PIL import Image
 
+    with Image.open(file) as image:
+        image = _rgb8(image)
+        side = min(image.size)  # center crop to a square, then resize
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _read_image_folder(folder: Path, image_size: int) -> torch.Tensor:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"folders: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     images = []
     for file in files:
-        with Image.open(file) as image:
-            image = _rgb8(image)
-            side = min(image.size)  # center crop to a square, then resize
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        if not file.is_file():  # a folder named x.png, a broken link
+            kind = "a folder" if file.is_dir() else "not a readable file (a broken link?)"
+            raise DataError(f"folders: {file} is {kind}; remove it from {folder}")
+        try:
+            images.append(_read_image(file, image_size))
+        except Exception as error:  # PIL: UnidentifiedImageError, truncated data, ...
+            raise DataError(
+                f"folders: {file} is not a readable image ({type(error).__name__}: {error}); "
+                f"remove or replace it"
+            ) from None
     return torch.stack(images)  # [N, 3, image_size, image_size]
 
 
@@ -250,8 +294,11 @@ def load_folders(root: Path, image_size: int) -> DomainData:
             data[domain] = (train, _read_image_folder(parts["test" + domain], image_size))
         else:
             data[domain] = _train_test_split(train)
-        if len(data[domain][1]) == 0:
-            raise DataError(f"folders: {domain} has too few images to hold out a test split")
+        if len(data[domain][0]) == 0 or len(data[domain][1]) == 0:
+            raise DataError(
+                f"folders: {domain} has too few images to hold out a test split (the last "
+                f"10% of train{domain}) and keep training images; add images or test{domain}"
+            )
     return DomainData("folders", data["A"][0], data["B"][0], data["A"][1], data["B"][1])
 
 

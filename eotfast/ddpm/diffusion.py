@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GaussianDiffusion", "SCHEDULES", "beta_schedule"]
+__all__ = ["GaussianDiffusion", "SCHEDULES", "beta_schedule", "linear_schedule_min_timesteps"]
 
 SCHEDULES = ("linear", "cosine")
 # What the network predicts. "eps": the noise (Ho et al.). "v" (TrainConfig's default):
@@ -35,6 +35,12 @@ PREDICTIONS = ("eps", "v")
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def linear_schedule_min_timesteps() -> int:
+    """The smallest T for which the linear schedule's last beta, 0.02 * 1000 / T, is below 1
+    (at beta = 1 alpha_bar reaches 0 and the samplers divide by it)."""
+    return 21
+
+
 def beta_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
     """Noise variances beta_1..beta_T, float64 [T].
 
@@ -43,6 +49,12 @@ def beta_schedule(schedule: str, num_timesteps: int) -> torch.Tensor:
     with s = 0.008, betas clipped at 0.999 (Nichol & Dhariwal).
     """
     if schedule == "linear":
+        if num_timesteps < linear_schedule_min_timesteps():
+            raise ValueError(
+                f"the linear schedule needs at least {linear_schedule_min_timesteps()} "
+                f"timesteps (its last beta, 0.02 * 1000 / T, reaches 1 below that), "
+                f"got {num_timesteps}"
+            )
         scale = 1000.0 / num_timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
     if schedule == "cosine":

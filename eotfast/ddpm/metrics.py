@@ -7,9 +7,10 @@ domain membership, color preservation, and FID.
 - Target accuracy: the share of outputs that a classifier trained on real images only
   (labelled data sets: digits, cmnist) assigns to the target class.
 - Hue error (colored digits): circular difference between the input's and the output's hue.
-- FID: Frechet distance (pytorch-fid) between features of outputs and of real held-out
-  targets; features of the digit classifier, or of pytorch-fid's Inception network when its
-  weights are in the local torch hub cache (nothing is downloaded).
+- FID: Frechet distance between Gaussians fitted to features of outputs and of real held-out
+  targets, computed by torchmetrics (in torch, float64); features of the digit classifier, or
+  of pytorch-fid's Inception network when its weights are in the local torch hub cache
+  (nothing is downloaded).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,16 +129,37 @@ def _train_classifier(images, labels, steps, batch_size, seed) -> DigitClassifie
     return classifier.eval().requires_grad_(False)
 
 
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D] (pytorch-fid)."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+class _GivenFeatures(nn.Module):
+    """The identity on features [N, D]: lets torchmetrics' FrechetInceptionDistance take
+    features computed elsewhere (it calls its feature module on what ``update`` gets)."""
 
-    a, b = features_a.double().cpu().numpy(), features_b.double().cpu().numpy()
-    return float(
-        calculate_frechet_distance(
-            a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (N >= 2 each):
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), by torchmetrics'
+    FrechetInceptionDistance in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if len(features_a) < 2 or len(features_b) < 2:
+        raise ValueError(
+            f"the Frechet distance needs at least 2 feature vectors per set, got "
+            f"{len(features_a)} and {len(features_b)}"
         )
+    # sync_on_compute=False: the features are this process's (under torchrun, rank 0
+    # evaluates alone), so no collective with the other processes.
+    metric = FrechetInceptionDistance(
+        feature=_GivenFeatures(features_a.shape[1]), sync_on_compute=False
     )
+    metric.update(features_a.detach().double().cpu(), real=False)
+    metric.update(features_b.detach().double().cpu(), real=True)
+    return float(metric.compute())
 
 
 def inception_weights_path() -> Path:

@@ -1,170 +1,94 @@
-"""OT-paired conditional DDPM training: configuration, the compiled step, checkpoints, and the
-run loop behind ``train.py``.
+"""OT-paired conditional DDPM training: the model and its step (:class:`Trainer`), and the run
+loop behind ``train.py`` (:func:`run`).
 
 Each step draws a source batch and a target batch independently, pairs them with
 :func:`eotfast.pair` on the training device inside the compiled step, and trains the U-Net to
 denoise the paired target conditioned on its source: by default it predicts
 v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022); ``prediction="eps"``
-makes it predict the noise.
+makes it predict the noise. The options are :class:`~eotfast.ddpm.config.TrainConfig`'s,
+checkpoint files are :mod:`~eotfast.ddpm.checkpoint`'s, and the metrics
+:mod:`~eotfast.ddpm.evaluation`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
-import pickle
+import signal
 import sys
+import tempfile
 import time
-import zipfile
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from eotfast import available_backends, pair
-from eotfast.ddpm.data import DomainData, load_dataset
-from eotfast.ddpm.diffusion import GaussianDiffusion
-from eotfast.ddpm.ema import EMA
-from eotfast.ddpm.metrics import (
-    InceptionFeatures,
-    frechet_distance,
-    hue_degrees,
-    hue_difference,
-    image_metrics,
-    train_classifier,
+from eotfast.ddpm.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
 )
+from eotfast.ddpm.config import OT_CHOICES, ConfigError, TrainConfig, merge_for_resume
+from eotfast.ddpm.data import DataError, DomainData, load_dataset
+from eotfast.ddpm.diffusion import GaussianDiffusion
+from eotfast.ddpm.distributed import (
+    World,
+    all_agree,
+    all_gather_cat,
+    barrier,
+    gather_objects,
+    join,
+    launched_world,
+    leave,
+    mean_over_ranks,
+)
+from eotfast.ddpm.ema import EMA
+from eotfast.ddpm.evaluation import Evaluator, save_grid, to_model_range
 from eotfast.ddpm.unet import ConditionalUNet
-from eotfast.ops.registry import BACKENDS
 
-__all__ = ["OT_CHOICES", "TrainConfig", "Trainer", "CheckpointError", "load_checkpoint"]
-
-# --ot value -> (pair method, backend): "sinkhorn" takes the device's fastest backend, and
-# sinkhorn_<name> one backend of the registry (eotfast.ops.registry.BACKENDS).
-OT_CHOICES = {
-    "sinkhorn": ("sinkhorn", "auto"),
-    **{f"sinkhorn_{name}": ("sinkhorn", name) for name in BACKENDS},
-    "exact": ("exact", "auto"),
-    "emd": ("emd", "auto"),
-    "random": ("random", "auto"),
-}
-DEFAULT_IMAGE_SIZE = {"digits": 16, "cmnist": 32, "shoes2bags": 64, "folders": 64}
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = [
+    "OT_CHOICES",
+    "TrainConfig",
+    "ConfigError",
+    "Trainer",
+    "CheckpointError",
+    "TrainingDiverged",
+    "load_checkpoint",
+    "run",
+    "evaluate_checkpoint",
+]
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as config.json and inside every checkpoint."""
-
-    # fmt: off
-    dataset: str = "digits"                  # digits | shoes2bags | cmnist | folders
-    data_root: str | None = None             # folder of the file-based data sets (./data)
-    out_dir: str | None = None               # run folder; default runs/{dataset}-{ot}
-    image_size: int | None = None            # pixels; default per data set (digits: 16)
-    source_digit: int = 2                    # digits / cmnist: source class
-    target_digit: int = 3                    # digits / cmnist: target class
-    ot: str = "sinkhorn"                     # pairing, one of OT_CHOICES
-    reg: float = 0.05                        # Sinkhorn epsilon relative to std(cost)
-    sampling: str = "sample"                 # partner from a plan row: sample | argmax
-    steps: int = 600                         # optimizer steps of the whole run
-    batch_size: int = 64                     # source (and target) images per step
-    lr: float = 1e-3                         # AdamW peak learning rate
-    weight_decay: float = 0.0                # AdamW weight decay
-    warmup_steps: int = 100                  # linear learning-rate warm-up
-    grad_clip: float = 1.0                   # max global gradient norm
-    ema_decay: float = 0.995                 # EMA of the weights (used for evaluation)
-    base_channels: int = 32                  # U-Net width at full resolution
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # U-Net width multiplier per level
-    num_res_blocks: int = 1                  # residual blocks per encoder level
-    attention_levels: tuple[int, ...] = (2,)  # levels with self-attention (0 = full res)
-    dropout: float = 0.0                     # dropout in residual blocks
-    timesteps: int = 1000                    # diffusion steps T
-    schedule: str = "cosine"                 # beta schedule: linear | cosine
-    prediction: str = "v"                    # network target: v (Salimans & Ho) | eps (noise)
-    sample_steps: int = 25                   # DDIM steps for evaluation samples
-    eval_every: int = 0                      # steps between evaluations (0: only at the end)
-    eval_size: int = 256                     # generated images per evaluation
-    checkpoint_every: int = 200              # steps between checkpoints
-    log_every: int = 20                      # steps between metrics-log lines
-    compile: bool = True                     # torch.compile the training step
-    device: str = "auto"                     # cuda if available, else cpu
-    seed: int = 0                            # model init, data order, noise, pairing
-    wandb: str = "disabled"                  # disabled | offline | online
-    # fmt: on
-
-    def resolved(self) -> TrainConfig:
-        """Fills the per-data-set defaults (image size, output folder)."""
-        config = dataclasses.replace(self)
-        if config.image_size is None:
-            config.image_size = DEFAULT_IMAGE_SIZE[config.dataset]
-        if config.out_dir is None:
-            config.out_dir = str(Path("runs") / f"{config.dataset}-{config.ot}")
-        config.channel_mults = tuple(config.channel_mults)
-        config.attention_levels = tuple(config.attention_levels)
-        return config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(
-            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
-        )
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite; the last checkpoint is kept as it was."""
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read (missing, truncated, corrupted, or not ours)."""
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Writes atomically: a temporary file beside the target, fsync'd, then renamed over it,
-    so an interrupted write never leaves a truncated checkpoint behind."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-CHECKPOINT_KEYS = ("config", "step", "model", "ema", "optimizer", "scheduler", "rng")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-    ) as error:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupted and cannot be "
-            f"read ({type(error).__name__}: {error})"
-        ) from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} is not an eotfast training checkpoint "
-            f"(missing {', '.join(missing)})"
-        )
-    return state
-
-
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """--device -> the device; under torchrun, each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and world is not None and world.distributed and device.index is None:
+        device = torch.device("cuda", world.local_rank)
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """--precision -> the autocast dtype of the U-Net (None: fp32)."""
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: {device} does not support bfloat16; use fp32")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of a rank's own streams (data order, noise); rank 0 at step 0 is ``seed``."""
+    return (seed + 1_000_003 * rank + 7_919 * step) % 2**63
 
 
 def resolve_pairing(ot: str, device: torch.device) -> tuple[str, str, str]:
@@ -185,19 +109,24 @@ def resolve_pairing(ot: str, device: torch.device) -> tuple[str, str, str]:
     return method, backend, ot
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1
+class Autocast(nn.Module):
+    """Runs a denoiser under autocast to ``dtype`` and returns its output in float32, so that
+    the loss is reduced in float32."""
 
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> [0, 1]."""
-    return ((images + 1) / 2).clamp(0, 1)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, dtype=self.dtype):
+            output = self.model(x_t, t, cond)
+        return output.float()
 
 
 class PairedDenoisingLoss(nn.Module):
     """The compiled part of a training step: pair, noise, predict, loss (backward is traced
-    by AOTAutograd from this graph)."""
+    by AOTAutograd from this graph). Given the partners (global pairing, solved beside it),
+    only noise, predict, loss."""
 
     def __init__(
         self,
@@ -207,38 +136,66 @@ class PairedDenoisingLoss(nn.Module):
         backend: str,
         reg: float,
         sampling: str,
+        autocast: torch.dtype | None = None,
     ):
         super().__init__()
-        self.model, self.diffusion = model, diffusion
+        self.model = model if autocast is None else Autocast(model, autocast)
+        self.diffusion = diffusion
         self.method, self.backend, self.reg, self.sampling = method, backend, reg, sampling
 
-    def partners(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Index j [B] pairing source[i] with target[j[i]]."""
-        x, y = source.flatten(1), target.flatten(1)  # [B, C*H*W]
+    def partners(
+        self, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Index j [B] pairing source[i] with target[j[i]], solved in float32."""
+        x, y = source.flatten(1).float(), target.flatten(1).float()  # [B, C*H*W]
         if self.backend == "cpu" and x.device.type != "cpu":
             x, y = x.cpu(), y.cpu()  # the C++ solver reads host memory: an explicit choice
-        j = pair(x, y, self.method, reg=self.reg, sampling=self.sampling, backend=self.backend)
+        j = pair(
+            x,
+            y,
+            self.method,
+            reg=self.reg,
+            sampling=self.sampling,
+            backend=self.backend,
+            generator=generator,
+        )
         return j.to(source.device)
 
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        partner = target[self.partners(source, target)]
+    def forward(
+        self, source: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if partner is None:
+            partner = target[self.partners(source, target)]
         return self.diffusion.training_loss(self.model, partner, cond=source)
 
 
 class Trainer:
-    """Builds everything from a :class:`TrainConfig` and runs, checkpoints and evaluates it."""
+    """Everything a run holds, built from a :class:`TrainConfig`: data on the device, U-Net
+    (wrapped in DistributedDataParallel under torchrun), EMA, diffusion, optimizer, scheduler,
+    the (compiled) loss, and the evaluator.
 
-    def __init__(self, config: TrainConfig, data: DomainData | None = None):
+    Each process draws its own batches, timesteps and noise from its own seed
+    (:func:`rank_seed`); the model starts from the same weights everywhere. With the global
+    OT scope, every process gathers the sources and targets of all processes, solves the same
+    OT problem with the same generator (so the same partners everywhere), and trains on the
+    partners of its own sources."""
+
+    def __init__(
+        self, config: TrainConfig, data: DomainData | None = None, world: World | None = None
+    ):
         self.config = config = config.resolved()
-        self.device = resolve_device(config.device)
+        self.world = world = world or World()
+        self.device = resolve_device(config.device, world)
         self.out_dir = Path(config.out_dir)
         self.method, self.backend, self.ot_used = resolve_pairing(config.ot, self.device)
+        self.ot_scope = config.ot_scope
+        if self.ot_scope == "auto":
+            self.ot_scope = "global" if world.distributed else "local"
+        self.autocast = resolve_precision(config.precision, self.device)
 
-        torch.manual_seed(config.seed)
-        self.data = (
-            data
-            if data is not None
-            else load_dataset(
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        if data is None:
+            data = load_dataset(
                 config.dataset,
                 config.data_root,
                 config.image_size,
@@ -246,10 +203,10 @@ class Trainer:
                 config.target_digit,
                 config.seed,
             )
-        )
-        self.train_source = self.data.train_source.to(self.device)  # uint8 [N, 3, H, W]
-        self.train_target = self.data.train_target.to(self.device)
-        self.data_generator = torch.Generator().manual_seed(config.seed)
+        check_splits(data)
+        self.data = data
+        self.train_source = data.train_source.to(self.device)  # uint8 [N, 3, H, W]
+        self.train_target = data.train_target.to(self.device)
 
         self.model = ConditionalUNet(
             base_channels=config.base_channels,
@@ -258,15 +215,9 @@ class Trainer:
             attention_levels=config.attention_levels,
             dropout=config.dropout,
         ).to(self.device)
-        if config.image_size % self.model.downsample_factor:
-            raise ValueError(
-                f"--image-size must be divisible by "
-                f"{self.model.downsample_factor}, got {config.image_size}"
-            )
         self.ema = EMA(self.model, decay=config.ema_decay)
-        self.diffusion = GaussianDiffusion(config.timesteps, config.schedule, config.prediction).to(
-            self.device
-        )
+        self.diffusion = GaussianDiffusion(config.timesteps, config.schedule, config.prediction)
+        self.diffusion.to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -274,20 +225,41 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
         )
+        trained = self.model
+        if world.distributed:
+            # torch.compile cannot trace DDP's forward from inside a compiled function: under
+            # torchrun the U-Net is compiled under DDP, and pairing and loss run beside it.
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            inner = torch.compile(self.model) if config.compile else self.model
+            trained = DistributedDataParallel(inner, device_ids=device_ids)
         self.loss_fn = PairedDenoisingLoss(
-            self.model, self.diffusion, self.method, self.backend, config.reg, config.sampling
+            trained,
+            self.diffusion,
+            self.method,
+            self.backend,
+            config.reg,
+            config.sampling,
+            self.autocast,
         )
-        self.step_fn = (
-            torch.compile(self.loss_fn, fullgraph=True) if config.compile else self.loss_fn
+        self.step_fn = self.loss_fn
+        if config.compile and not world.distributed:
+            self.step_fn = torch.compile(self.loss_fn, fullgraph=True)
+        self.evaluator = Evaluator(
+            data, self.diffusion, self.device, config.sample_steps, config.batch_size, config.seed
         )
         self.step = 0
-        self._classifier = None
-        # Inception features for FID on image data sets: built at the first evaluation, or
-        # the message why not (weights missing), printed once.
-        self._inception: nn.Module | None = None
-        self._inception_missing: str | None = None
+        self.seed_streams(rank_seed(config.seed, world.rank))
 
-    # ----------------------------------------------------------------- training
+    def seed_streams(self, seed: int) -> None:
+        """This process's data order and noise; the pairing draws, the same on every process."""
+        if self.world.rank > 0:  # rank 0 (and a single process) continues torch's stream
+            torch.manual_seed(seed)
+        self.data_generator = torch.Generator().manual_seed(seed)
+        pair_device = "cpu" if self.backend == "cpu" else self.device
+        self.pair_generator = torch.Generator(pair_device).manual_seed(self.config.seed + 2)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Independent source and target batches (uniform, with replacement), [-1, 1]."""
         size = self.config.batch_size
@@ -302,11 +274,19 @@ class Trainer:
             to_model_range(self.train_target[target_index]),
         )
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step; returns the loss as a device tensor (no host sync)."""
-        self.model.train()
-        source, target = self.next_batch()
-        loss = self.step_fn(source, target)
+    def global_partners(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The partners of this process's sources in one OT problem over the global batch:
+        gather every process's sources and targets, solve (the same on every process), keep
+        this process's rows."""
+        all_sources = all_gather_cat(source, self.world)
+        all_targets = all_gather_cat(target, self.world)
+        j = self.loss_fn.partners(all_sources, all_targets, generator=self.pair_generator)
+        mine = j[self.world.rank * len(source) : (self.world.rank + 1) * len(source)]
+        return all_targets[mine]
+
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """Backward (gradients averaged over processes by DDP), clip, optimizer and scheduler
+        step, EMA update."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -314,13 +294,50 @@ class Trainer:
         self.scheduler.step()
         self.ema.update(self.model)
         self.step += 1
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step as :func:`run` takes it; returns the loss (no host sync)."""
+        self.model.train()
+        source, target = self.next_batch()
+        partner = self.global_partners(source, target) if self.ot_scope == "global" else None
+        loss = self.step_fn(source, target, partner)
+        self.apply_gradients(loss)
         return loss.detach()
 
-    # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+    def evaluate(self, num_images: int | None = None) -> tuple[dict, torch.Tensor]:
+        """Metrics of the EMA model (see :class:`Evaluator`) and its sample grid."""
+        metrics, grid = self.evaluator.evaluate(
+            self.ema.module, num_images or self.config.eval_size
+        )
+        return {"step": self.step, **metrics}, grid
+
+    # -------------------------------------------------------------- checkpoint state
+    def rng_state(self) -> dict:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "data": self.data_generator.get_state(),
+            "pair": self.pair_generator.get_state(),
+        }
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def set_rng_state(self, rng: dict) -> None:
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        if "pair" in rng:
+            self.pair_generator.set_state(rng["pair"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def state_dict(self, collective: bool = True) -> dict:
+        """The checkpoint. Under torchrun, every process's RNG streams are gathered (a
+        collective: every process calls it) unless ``collective`` is False (after Ctrl-C),
+        when the others' streams are left out and a resume reseeds them."""
+        rng = self.rng_state()
+        if self.world.distributed:
+            ranks = gather_objects(rng, self.world) if collective else None
+            rng = {**rng, "ranks": ranks, "world_size": self.world.size}
         return {
             "config": self.config.to_dict(),
             "step": self.step,
@@ -332,183 +349,191 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit the model its config describes ({first_line})"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.data_generator.set_state(state["rng"]["data"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        rng = state["rng"]
+        saved_world = int(rng.get("world_size", 1))
+        if saved_world == self.world.size and (saved_world == 1 or rng.get("ranks")):
+            self.set_rng_state(rng["ranks"][self.world.rank] if saved_world > 1 else rng)
+            return
+        # Another number of processes, or a checkpoint written after Ctrl-C: the weights and
+        # optimizer continue; each process's streams start afresh from (seed, rank, step).
+        if self.world.is_main:
+            print(
+                f"resume: the checkpoint holds the random streams of {saved_world} process(es)"
+                f"{'' if rng.get('ranks') or saved_world == 1 else ' (rank 0 only)'}; this "
+                f"run has {self.world.size}: streams reseeded, training continues from step "
+                f"{self.step}",
+                file=sys.stderr,
+            )
+        seed = rank_seed(self.config.seed, self.world.rank, self.step)
+        self.seed_streams(seed)
+        torch.manual_seed(seed)
+        if "pair" in rng:
+            self.pair_generator.set_state(rng["pair"])
 
-    def save(self) -> Path:
+    def save(self, collective: bool = True) -> Path:
+        """Writes the checkpoint (rank 0 alone); every process calls it under torchrun."""
         path = self.out_dir / CHECKPOINT_NAME
-        save_checkpoint(self.state_dict(), path)
+        state = self.state_dict(collective)
+        if self.world.is_main:
+            save_checkpoint(state, path)
+        if collective:
+            barrier(self.world)  # the file exists on return, on every process
         return path
 
-    # --------------------------------------------------------------- evaluation
-    def classifier(self):
-        if self._classifier is None and self.data.classifier_train is not None:
-            self._classifier = train_classifier(*self.data.classifier_train, seed=self.config.seed)
-        return self._classifier
 
-    @torch.no_grad()
-    def evaluate(self, num_images: int | None = None) -> tuple[dict, torch.Tensor]:
-        """Metrics of the EMA model on held-out sources; also returns the sample grid
-        (rows of source | OT partner | generated) as a [rows*3, 3, H, W] tensor in [0, 1]."""
-        config = self.config
-        num_images = num_images or config.eval_size
-        generator = torch.Generator(self.device).manual_seed(config.seed + 1)
-        test_source, test_target = self.data.test_source, self.data.test_target
-        unique_sources = test_source[:num_images]
-        targets = test_target[: max(num_images, len(unique_sources))]
-        # OT partners of the held-out sources among the held-out targets: exact assignment.
-        partner_index = pair(
-            to_model_range(unique_sources).flatten(1),
-            to_model_range(targets).flatten(1),
-            "exact" if len(unique_sources) <= len(targets) else "emd",
-            sampling="argmax",
-        )
-        # Cycle through the held-out sources until num_images outputs (different noise).
-        index = torch.arange(num_images) % len(unique_sources)
-        sources, partners = unique_sources[index], targets[partner_index[index]]
+def check_splits(data: DomainData) -> None:
+    """Every split of the data must hold an image: found now, not after training."""
+    for split in ("train_source", "train_target", "test_source", "test_target"):
+        if len(getattr(data, split)) == 0:
+            raise DataError(
+                f"{data.name}: no images in the {split.replace('_', ' ')} split; the data set "
+                f"needs images in both domains, for training and for a held-out test split"
+            )
 
-        outputs = []
-        for chunk in to_model_range(sources).to(self.device).split(max(config.batch_size, 64)):
-            outputs.append(
-                self.diffusion.ddim_sample(
-                    self.ema.module, chunk, config.sample_steps, generator=generator
-                )
-            )
-        outputs = to_unit_range(torch.cat(outputs).float().cpu())
-        sources01, partners01 = sources.float() / 255, partners.float() / 255
 
-        metrics = {"step": self.step, **image_metrics(outputs, sources01, partners01)}
-        classifier = self.classifier()
-        if classifier is not None:
-            real_images, real_labels = self.data.classifier_test
-            real_predictions = classifier(real_images.float() / 255).argmax(1)
-            metrics["classifier_test_accuracy"] = float(
-                (real_predictions == real_labels).float().mean()
-            )
-            metrics["target_accuracy"] = float(
-                (classifier(outputs).argmax(1) == self.data.target_label).float().mean()
-            )
-            metrics["fid_classifier"] = frechet_distance(
-                classifier.features(outputs), classifier.features(test_target.float() / 255)
-            )
-        else:
-            metrics.update(self._inception_fid(outputs, test_target))
-        if self.data.colored:
-            source_hue = hue_degrees(sources01)
-            metrics["hue_error_median"] = float(
-                hue_difference(source_hue, hue_degrees(outputs)).nanmedian()
-            )
-            metrics["partner_hue_error_median"] = float(
-                hue_difference(source_hue, hue_degrees(partners01)).nanmedian()
-            )
-        rows = min(8, num_images)
-        grid = torch.stack([sources01[:rows], partners01[:rows], outputs[:rows]], dim=1)
-        return metrics, grid.flatten(0, 1)  # [rows, 3, C, H, W] -> [rows*3, C, H, W]
+def prepare_out_dir(out_dir: Path) -> None:
+    """Creates the run folder and checks that files can be written in it, before training."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "samples").mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(f"--out-dir {out_dir} is not a writable folder ({reason})") from None
 
-    def _inception_fid(self, outputs: torch.Tensor, real: torch.Tensor) -> dict:
-        if self._inception is None and self._inception_missing is None:
-            try:
-                self._inception = InceptionFeatures().to(self.device)
-            except FileNotFoundError as error:
-                self._inception_missing = str(error)
-                print(f"FID skipped: {error}", file=sys.stderr)
-        if self._inception is None:
-            return {}
-        features = self._inception
-        real = real[: len(outputs)].float() / 255
-        feature_sets = [
-            torch.cat([features(chunk.to(self.device)).cpu() for chunk in images.split(64)])
-            for images in (outputs, real)
-        ]
-        return {"fid_inception": frechet_distance(*feature_sets)}
+
+def finite_or_none(record: dict) -> dict:
+    """JSON has no NaN: a non-finite metric is written as null."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()
+    }
 
 
 def write_json_line(path: Path, record: dict) -> None:
     with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def save_grid(grid: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import save_image
-
-    save_image(grid, path, nrow=3, padding=1, pad_value=1.0)
+        file.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
 
 
 def run(
-    config: TrainConfig, resume: bool = False, data: DomainData | None = None, progress: bool = True
+    config: TrainConfig,
+    resume: bool = False,
+    data: DomainData | None = None,
+    progress: bool = True,
+    given: Iterable[str] | None = None,
 ) -> dict:
     """Trains (or resumes) a run to ``config.steps`` and evaluates it; returns the final
-    metrics. Interrupting (Ctrl-C) writes a checkpoint first."""
+    metrics (an empty dict on the processes other than rank 0 under torchrun). Interrupting
+    (Ctrl-C) writes a checkpoint first.
+
+    With ``resume``, the run in ``config.out_dir`` continues from its checkpoint: the options
+    named in ``given`` (default: those that differ from TrainConfig's defaults) replace the
+    saved ones where they may change (how long, how it executes and is observed); the saved
+    data, model, optimizer, diffusion, pairing and seed are kept, and a different value given
+    for one of them is reported in one line and ignored."""
     from tqdm import tqdm
 
-    config = config.resolved()
-    out_dir = Path(config.out_dir)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
+    # ---------------------------------------------------------------- configuration
+    given_names = config.non_default_fields() if given is None else set(given)
+    world = launched_world()
     state = None
     if resume:
-        state = load_checkpoint(checkpoint_path)
-        saved = TrainConfig.from_dict(state["config"])
-        # The saved run defines the experiment; only how long and how it executes may change.
-        config = dataclasses.replace(
-            saved,
-            steps=config.steps,
-            compile=config.compile,
-            wandb=config.wandb,
-            device=config.device,
-            eval_every=config.eval_every,
-            checkpoint_every=config.checkpoint_every,
-            log_every=config.log_every,
-        )
-    trainer = Trainer(config, data=data)
-    config = trainer.config
+        out_dir = Path(config.out_dir or TrainConfig.default_out_dir(config.dataset, config.ot))
+        state = load_checkpoint(out_dir / CHECKPOINT_NAME)
+        config, ignored = merge_for_resume(state["config"], config, given_names | {"out_dir"})
+        if ignored and world.is_main:
+            print(
+                f"--resume keeps the checkpoint's data, model, optimizer, diffusion, pairing "
+                f"and seed; ignored: {', '.join(ignored)}",
+                file=sys.stderr,
+            )
+        saved_step = int(state["step"])
+        if config.steps < saved_step:
+            raise ConfigError(
+                f"--steps {config.steps} is below the checkpoint's step {saved_step}: "
+                f"nothing to train; give --steps above {saved_step}, or --evaluate "
+                f"{out_dir / CHECKPOINT_NAME}"
+            )
+    config = config.resolved()
+    out_dir = Path(config.out_dir)
+    joined = join(resolve_device(config.device, world))
+    previous_handler = None
+    if world.distributed:  # torchrun stops its processes with SIGTERM: checkpoint as on Ctrl-C
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _train(config, state, world, out_dir, data, progress, tqdm)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if joined:
+            leave()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
+    # ------------------------------------------------------------------------ build
+    error = None
+    if world.is_main:  # rank 0 alone writes files
+        try:
+            prepare_out_dir(out_dir)
+        except ConfigError as found:
+            error = found
+    if not all_agree(error is None, world, resolve_device(config.device, world)):
+        raise error or ConfigError(f"rank 0 cannot write to --out-dir {out_dir}")
+    trainer = Trainer(config, data=data, world=world)
     if state is not None:
         trainer.load_state_dict(state)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "samples").mkdir(exist_ok=True)
-    (out_dir / "config.json").write_text(
-        json.dumps(
-            {**config.to_dict(), "ot_used": trainer.ot_used, "device_used": str(trainer.device)},
-            indent=2,
-        )
-        + "\n"
-    )
+    main = world.is_main
     metrics_path = out_dir / "metrics.jsonl"
-
     wandb_run = None
-    if config.wandb != "disabled":
-        import wandb
+    if main:
+        used = {"ot_used": trainer.ot_used, "device_used": str(trainer.device)}
+        used.update(ot_scope_used=trainer.ot_scope, world_size=world.size)
+        used["precision_used"] = "bf16" if trainer.autocast is torch.bfloat16 else "fp32"
+        text = json.dumps({**config.to_dict(), **used}, indent=2)
+        (out_dir / "config.json").write_text(text + "\n")
+        if config.wandb != "disabled":
+            import wandb
 
-        wandb_run = wandb.init(
-            project="eotfast",
-            config=config.to_dict(),
-            mode=config.wandb,
-            dir=str(out_dir),
-            resume="allow",
-            name=out_dir.name,
-        )
+            wandb_run = wandb.init(
+                project="eotfast",
+                config=config.to_dict(),
+                mode=config.wandb,
+                dir=str(out_dir),
+                resume="allow",
+                name=out_dir.name,
+            )
 
     def log(record: dict) -> None:
         write_json_line(metrics_path, record)
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
-    def evaluate_and_record() -> dict:
+    def evaluate() -> dict:
         metrics, grid = trainer.evaluate()
         save_grid(grid, out_dir / "samples" / f"step_{trainer.step:06d}.png")
         log({"kind": "eval", **metrics})
         return metrics
 
+    # ------------------------------------------------------------------------- loop
     bar = tqdm(
         total=config.steps,
         initial=trainer.step,
-        disable=not progress,
+        disable=not (progress and main),
         dynamic_ncols=True,
         desc=f"{config.dataset} {trainer.ot_used}",
     )
@@ -516,60 +541,86 @@ def run(
     window_steps, window_start = 0, time.perf_counter()
     try:
         while trainer.step < config.steps:
-            running_loss += trainer.train_step()
+            trainer.model.train()
+            # -- batch: this process's source and target batches, drawn independently
+            source, target = trainer.next_batch()
+            # -- pair + loss: OT partners of the sources, denoising loss. Local scope: pairing
+            #    inside the compiled step; global: one OT problem over every process's batch.
+            partner = None
+            if trainer.ot_scope == "global":
+                partner = trainer.global_partners(source, target)
+            loss = trainer.step_fn(source, target, partner)
+            # -- step: backward (DDP averages the gradients), clip, AdamW, schedule, EMA
+            trainer.apply_gradients(loss)
+            running_loss += loss.detach()
             window_steps += 1
             bar.update(1)
-            if trainer.step % config.log_every == 0 or trainer.step == config.steps:
-                loss = float(running_loss / window_steps)  # the one host read per log line
-                if not math.isfinite(loss):
-                    trainer.save()
-                    raise FloatingPointError(f"loss became {loss} at step {trainer.step}")
-                elapsed = time.perf_counter() - window_start
-                log(
-                    {
-                        "kind": "train",
-                        "step": trainer.step,
-                        "loss": loss,
-                        "lr": trainer.scheduler.get_last_lr()[0],
-                        "steps_per_s": window_steps / elapsed,
-                    }
-                )
-                bar.set_postfix(loss=f"{loss:.4f}")
+            last = trainer.step == config.steps
+            # -- log: the mean loss over the window and the processes (one host read)
+            if trainer.step % config.log_every == 0 or last:
+                mean_loss = float(mean_over_ranks(running_loss, world) / window_steps)
+                if not math.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became {mean_loss} by step "
+                        f"{trainer.step} (lower --lr or --grad-clip); the last checkpoint in "
+                        f"{out_dir} is kept"
+                    )
+                if main:
+                    log(
+                        {
+                            "kind": "train",
+                            "step": trainer.step,
+                            "loss": mean_loss,
+                            "lr": trainer.scheduler.get_last_lr()[0],
+                            "steps_per_s": window_steps / (time.perf_counter() - window_start),
+                        }
+                    )
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
                 running_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if trainer.step % config.checkpoint_every == 0:
+            # -- checkpoint (every process hands its random streams to rank 0)
+            if trainer.step % config.checkpoint_every == 0 and not last:
                 trainer.save()
-            if (
-                config.eval_every
-                and trainer.step % config.eval_every == 0
-                and trainer.step < config.steps
-            ):
-                evaluate_and_record()
+            # -- evaluate (rank 0; the others wait for it at the next step's gradients)
+            if config.eval_every and trainer.step % config.eval_every == 0 and not last and main:
+                evaluate()
     except KeyboardInterrupt:
         bar.close()
-        path = trainer.save()
-        print(
-            f"\ninterrupted at step {trainer.step}: checkpoint written to {path}; "
-            f"continue with --resume --out-dir {out_dir}",
-            file=sys.stderr,
-        )
+        path = trainer.save(collective=False)  # another process may be gone: no collective
+        if main:
+            print(
+                f"\ninterrupted at step {trainer.step}: checkpoint written to {path}; "
+                f"continue with --resume --out-dir {out_dir}",
+                file=sys.stderr,
+            )
         raise
     bar.close()
+
+    # ---------------------------------------------------------------------- the end
     trainer.save()
-    metrics = evaluate_and_record()
+    metrics = evaluate() if main else {}
     if wandb_run is not None:
         wandb_run.finish()
     return metrics
 
 
 def evaluate_checkpoint(
-    path: str | Path, num_images: int | None = None, data: DomainData | None = None
+    path: str | Path,
+    num_images: int | None = None,
+    data: DomainData | None = None,
+    device: str | None = None,
 ) -> dict:
-    """Metrics of a saved run's EMA model (the separate evaluation command)."""
+    """Metrics of a saved run's EMA model (the separate evaluation command); ``device``
+    replaces the saved one (default: the saved one)."""
     state = load_checkpoint(path)
-    config = dataclasses.replace(TrainConfig.from_dict(state["config"]), compile=False)
+    overrides = {"compile": False, "out_dir": str(Path(path).parent)}
+    if device is not None:
+        overrides["device"] = device
+    if num_images is not None:
+        overrides["eval_size"] = num_images
+    config, _ = merge_for_resume(state["config"], TrainConfig(**overrides), set(overrides))
     trainer = Trainer(config, data=data)
     trainer.load_state_dict(state)
-    metrics, grid = trainer.evaluate(num_images)
+    metrics, grid = trainer.evaluate()
     save_grid(grid, Path(path).with_suffix(".eval.png"))
     return metrics
