@@ -154,7 +154,21 @@ def test_small_epsilon_on_image_scale_costs_stays_finite_and_converges(
 def test_plan_of_half_precision_cost_is_float32(random_problem):
     cost, _, _ = random_problem((), 6, 4, dtype=torch.float32)
     result = eotfast.sinkhorn(cost.half())
-    assert result.f.dtype == torch.float32
+    assert result.plan(cost.half()).dtype == torch.float32
+    assert result.f.dtype == result.g.dtype == torch.float64  # g holds the cost's offset
+
+
+@pytest.mark.parametrize("offset", [1e5, 1e6])
+def test_plan_of_a_cost_far_from_zero_meets_the_reported_error(backend, device, offset):
+    # The solver works on cost - min(cost); g took the offset back in float32, rounded, and
+    # plan(c) missed the row sums by 7% at 1e5 (90% at 1e6) while marginal_error said 2e-4.
+    cost = offset + torch.rand(8, 8, generator=torch.Generator().manual_seed(0))
+    result = eotfast.sinkhorn(cost.to(device), max_iter=10_000, backend=backend)
+    plan = result.plan(cost.to(device)).double().cpu()
+    measured = torch.cat([plan.sum(1) - 1 / 8, plan.sum(0) - 1 / 8]).norm()
+    assert float(result.marginal_error) < 1e-4
+    # float32 plan entries carry ~1e-7 relative rounding: a few 1e-7 of the unit mass.
+    assert float(measured) <= float(result.marginal_error) + 1e-6
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -46,16 +46,21 @@ class SinkhornResult(NamedTuple):
     rebuild it from the potentials.
     """
 
-    f: torch.Tensor  # [..., n] row (source) potential, in cost units
-    g: torch.Tensor  # [..., m] column (target) potential, in cost units
-    epsilon: torch.Tensor  # [...] absolute regularization used (reg * std(cost) by default)
+    # [..., n] row (source) and [..., m] column (target) potentials, in cost units; float64
+    # from eotfast.sinkhorn whatever the cost's dtype (see there: g holds the cost's offset)
+    f: torch.Tensor
+    g: torch.Tensor
+    epsilon: torch.Tensor  # [...] absolute regularization used, in the solve dtype
     n_iter: torch.Tensor  # [...] int64, iterations done (g update + f update each)
-    marginal_error: torch.Tensor  # [...] ||P^T 1 - b||_2 of the returned plan (rows exact)
+    # [...] sqrt(||P 1 - a||^2 + ||P^T 1 - b||^2) of the returned plan
+    marginal_error: torch.Tensor
 
     def log_plan(self, cost: torch.Tensor) -> torch.Tensor:
-        """log P = (f_i + g_j - C_ij) / epsilon, shape [..., n, m]."""
+        """log P = (f_i + g_j - C_ij) / epsilon, shape [..., n, m], formed in the potentials'
+        precision and returned in epsilon's (the solve dtype)."""
         epsilon = self.epsilon[..., None, None]
-        return (self.f[..., :, None] + self.g[..., None, :] - cost) / epsilon
+        log_plan = (self.f[..., :, None] + self.g[..., None, :] - cost) / epsilon
+        return log_plan.to(self.epsilon.dtype)
 
     def plan(self, cost: torch.Tensor) -> torch.Tensor:
         """The transport plan P, shape [..., n, m]; rows sum to a, columns to b up to the error."""
