@@ -35,16 +35,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "multiversion.h"
+
 namespace eotfast::cpu {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// One build serves every x86-64 CPU: GCC compiles the scan for AVX2 and for the baseline, and
-// picks the version at load time.
-#define EOTFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EOTFAST_MULTIVERSION
-#endif
 
 // Index of a column in the scan's lanes: as wide as T, so that a vector of indices has as
 // many lanes as a vector of values and the selects need no widening.

@@ -23,18 +23,11 @@
 #include <utility>
 #include <vector>
 
+#include "multiversion.h"
 #include "sinkhorn_math.h"
 
 namespace eotfast::cpu {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// One build serves every x86-64 CPU: GCC compiles the hot loops for AVX2+FMA and for the
-// baseline, and picks the version at load time.
-#define EOTFAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EOTFAST_MULTIVERSION
-#endif
 
 // Below this many cost entries per thread, starting threads and meeting at two barriers per
 // iteration costs more than the parallel sweep saves. Measured on a 2-core x86-64 CPU, 50

@@ -110,6 +110,21 @@ SINKHORN_SCHEMA = (
 )
 
 
+def check_tensors_like_cost(op: str, cost: torch.Tensor, **tensors) -> None:
+    """Each ``name=(tensor, shape)`` has that shape, cost's dtype and cost's device: the op
+    hands its data pointer to a kernel that reads ``shape`` elements of cost's dtype."""
+    for name, (tensor, shape) in tensors.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{op}: {name} must have shape {shape} for cost of shape {tuple(cost.shape)}, "
+                f"got {tuple(tensor.shape)}"
+            )
+        if tensor.dtype != cost.dtype:
+            raise TypeError(f"{op}: {name} must have cost's dtype {cost.dtype}, got {tensor.dtype}")
+        if tensor.device != cost.device:
+            raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
+
+
 def check_sinkhorn_arguments(
     op: str, cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
 ) -> None:
@@ -121,21 +136,11 @@ def check_sinkhorn_arguments(
             f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
         )
     batch, n, m = cost.shape
-    for name, tensor, shape in (
-        ("a", a, (batch, n)),
-        ("b", b, (batch, m)),
-        ("epsilon", epsilon, (batch,)),
-        ("epsilon_start", epsilon_start, (batch,)),
-    ):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{op}: {name} must have shape {shape} for cost of shape {tuple(cost.shape)}, "
-                f"got {tuple(tensor.shape)}"
-            )
-        if tensor.dtype != cost.dtype:
-            raise TypeError(f"{op}: {name} must have cost's dtype {cost.dtype}, got {tensor.dtype}")
-        if tensor.device != cost.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
+    check_tensors_like_cost(
+        op, cost,
+        a=(a, (batch, n)), b=(b, (batch, m)),
+        epsilon=(epsilon, (batch,)), epsilon_start=(epsilon_start, (batch,)),
+    )  # fmt: skip
     if max_iter < 1:
         raise ValueError(f"{op}: max_iter must be >= 1, got {max_iter}")
     if not tol >= 0:
@@ -245,20 +250,11 @@ def check_auction_arguments(
             f"{op}: cost [B, n, m] must have n <= m (each row gets its own column), got "
             f"{tuple(cost.shape)}; transpose it to assign the columns"
         )
-    for name, tensor, shape in (
-        ("prices", prices, (batch, m)),
-        ("epsilon_start", epsilon_start, (batch,)),
-        ("epsilon_final", epsilon_final, (batch,)),
-    ):
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{op}: {name} must have shape {shape} for cost of shape {tuple(cost.shape)}, "
-                f"got {tuple(tensor.shape)}"
-            )
-        if tensor.dtype != cost.dtype:
-            raise TypeError(f"{op}: {name} must have cost's dtype {cost.dtype}, got {tensor.dtype}")
-        if tensor.device != cost.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
+    check_tensors_like_cost(
+        op, cost,
+        prices=(prices, (batch, m)),
+        epsilon_start=(epsilon_start, (batch,)), epsilon_final=(epsilon_final, (batch,)),
+    )  # fmt: skip
     if not 0 < scaling < 1:
         raise ValueError(f"{op}: scaling must be a number in (0, 1), got {scaling}")
     if max_bids < 1:
