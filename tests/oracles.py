@@ -4,6 +4,7 @@ POT's Sinkhorn, random marginals, and where and in which precision each backend 
 import numpy as np
 import ot
 import torch
+from scipy.optimize import linear_sum_assignment
 
 GPU = torch.cuda.is_available()
 
@@ -50,3 +51,25 @@ def assert_partners_are_row_maxima(partners, x, y):
     chosen = log_weights.gather(-1, partners[..., None]).squeeze(-1)
     best = log_weights.amax(-1)
     assert (best - chosen <= 1e-3 * best.abs().clamp_min(1)).all(), (best - chosen).max()
+
+
+# ----------------------------------------------------------------------------- assignment
+def optimum(cost: torch.Tensor) -> float:
+    """The oracle: scipy's optimal total cost of one [n, m] problem, in float64."""
+    cost64 = cost.double().cpu().numpy()
+    return float(cost64[linear_sum_assignment(cost64)].sum())
+
+
+def total(cost: torch.Tensor, columns: torch.Tensor) -> float:
+    """Total cost of one [n, m] problem's assignment (a column per row), in float64."""
+    cost64 = cost.double().cpu()
+    return float(cost64[torch.arange(cost.shape[0]), columns.cpu()].sum())
+
+
+def assert_injection(columns: torch.Tensor, m: int) -> None:
+    """[B, n] int64 columns in [0, m), distinct within each problem."""
+    columns = columns.cpu()
+    assert columns.dtype == torch.int64
+    assert ((columns >= 0) & (columns < m)).all(), columns
+    for row in columns:
+        assert row.unique().numel() == row.numel(), f"a column is used twice: {row.tolist()}"

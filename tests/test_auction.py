@@ -11,8 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from oracles import backend_device
-from scipy.optimize import linear_sum_assignment
+from oracles import assert_injection, backend_device, optimum, total
 
 import eotfast
 from eotfast.ops.registry import BACKENDS as REGISTRY
@@ -79,25 +78,6 @@ def solve(
     start = torch.as_tensor(epsilon_start, dtype=cost.dtype, device=cost.device).expand(batch)
     start = torch.maximum(start, final)
     return auction_op(backend)(cost, prices, start, final, scaling, max_bids)
-
-
-def optimum(cost: torch.Tensor) -> float:
-    """The oracle: scipy's optimal total cost of one [n, m] problem, in float64."""
-    cost64 = cost.double().cpu().numpy()
-    return float(cost64[linear_sum_assignment(cost64)].sum())
-
-
-def total(cost: torch.Tensor, columns: torch.Tensor) -> float:
-    cost64 = cost.double().cpu()
-    return float(cost64[torch.arange(cost.shape[0]), columns.cpu()].sum())
-
-
-def assert_injection(columns: torch.Tensor, m: int) -> None:
-    columns = columns.cpu()
-    assert columns.dtype == torch.int64
-    assert ((columns >= 0) & (columns < m)).all(), columns
-    for row in columns:
-        assert row.unique().numel() == row.numel(), f"a column is used twice: {row.tolist()}"
 
 
 def assert_within_bound(cost, result) -> None:

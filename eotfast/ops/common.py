@@ -206,21 +206,15 @@ def register_sinkhorn_op(
     backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
 ):
     """Registers ``solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
-    relaxation)`` as
-    eotfast::sinkhorn_<backend> with the one schema and its fake, both behind
+    relaxation)`` as eotfast::sinkhorn_<backend> with the one schema and its fake, both behind
     :func:`check_sinkhorn_arguments`: a ``triton_op`` for Triton launches (torch.compile then
     sees the kernel), else a ``custom_op`` (opaque to torch.compile: tracing would unroll up
     to max_iter iterations into the graph)."""
-    name = f"eotfast::sinkhorn_{backend}"
     checked = functools.partial(with_sinkhorn_checks, f"sinkhorn_{backend}")
-    if triton:
-        op = torch.library.triton_op(name, checked(solve), mutates_args=(), schema=SINKHORN_SCHEMA)
-    else:
-        op = torch.library.custom_op(
-            name, checked(solve), mutates_args=(), device_types=device_types, schema=SINKHORN_SCHEMA
-        )
-    op.register_fake(checked(fake))
-    return op
+    return _register_op(
+        f"eotfast::sinkhorn_{backend}", SINKHORN_SCHEMA, checked(solve), checked(fake),
+        device_types, triton,
+    )  # fmt: skip
 
 
 # The one schema of every backend's auction op: cost [B, n, m] (n <= m), initial column prices
@@ -299,15 +293,23 @@ def register_auction_op(
     eotfast::auction_<backend> with AUCTION_SCHEMA and its fake, both behind
     :func:`check_auction_arguments`: a ``triton_op`` for Triton launches, else a ``custom_op``
     (opaque to torch.compile, as the bidding loop's length depends on the values)."""
-    name = f"eotfast::auction_{backend}"
     checked = functools.partial(with_auction_checks, f"auction_{backend}")
+    return _register_op(
+        f"eotfast::auction_{backend}", AUCTION_SCHEMA, checked(solve), checked(fake),
+        device_types, triton,
+    )  # fmt: skip
+
+
+def _register_op(name: str, schema: str, solve, fake, device_types, triton: bool):
+    """``solve`` as op ``name``: a ``triton_op`` when it launches Triton kernels, else a
+    ``custom_op`` for ``device_types``; ``fake`` is its fake implementation."""
     if triton:
-        op = torch.library.triton_op(name, checked(solve), mutates_args=(), schema=AUCTION_SCHEMA)
+        op = torch.library.triton_op(name, solve, mutates_args=(), schema=schema)
     else:
         op = torch.library.custom_op(
-            name, checked(solve), mutates_args=(), device_types=device_types, schema=AUCTION_SCHEMA
+            name, solve, mutates_args=(), device_types=device_types, schema=schema
         )
-    op.register_fake(checked(fake))
+    op.register_fake(fake)
     return op
 
 
