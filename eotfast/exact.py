@@ -59,14 +59,14 @@ def emd(
     return plan.to(cost.dtype).reshape(cost.shape)
 
 
-def assignment(cost: torch.Tensor) -> torch.Tensor:
+def assignment(cost: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     r"""Optimal assignment: each row gets its own column, total cost minimal.
 
     .. math:: \min_{\sigma \text{ injective}} \sum_i C_{i \sigma(i)}
 
     For square problems with uniform marginals this is also an optimal transport plan (a
     permutation is a vertex of the transport polytope). Solved by the auction algorithm
-    (:func:`eotfast.auction` with its defaults, backend "auto") on the cost's device: the
+    (:func:`eotfast.auction` with its defaults) on the cost's device: the
     total cost is within ``bound`` = m * epsilon of the optimum, about 1e-6 of it by default
     (exactly optimal on integer costs whenever the bound is below 1); call
     :func:`eotfast.auction` for the bound, the prices or another epsilon.
@@ -75,6 +75,9 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
     ----------
     cost : Tensor, shape (..., n, m) with n <= m
         Finite costs; leading dimensions index independent problems.
+    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+        The auction's backend (:func:`eotfast.auction`); "auto": the fastest for cost's
+        device.
 
     Returns
     -------
@@ -91,7 +94,7 @@ def assignment(cost: torch.Tensor) -> torch.Tensor:
             f"assignment needs n <= m (each row its own column), got cost of shape "
             f"{tuple(cost.shape)}; use emd for n > m"
         )
-    result = auction(cost)
+    result = auction(cost, backend=backend)
     if values_checkable(result.epsilon) and not bool(result.epsilon.isfinite().all()):
         raise RuntimeError(
             "assignment: the auction reached its bid cap before the last phase; call "

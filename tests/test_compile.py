@@ -29,10 +29,21 @@ def test_compiled_step_with_pair_matches_eager(method, options):
 
 
 @pytest.mark.slow
-def test_compiled_sampling_step_has_no_graph_break():
+@pytest.mark.parametrize(
+    "method,sampling", [("auto", None), ("sinkhorn", "sample"), ("sinkhorn", "permutation")]
+)
+def test_compiled_pair_has_no_graph_break(method, sampling):
+    # ("auto", None) is the auction on the CPU; ("sinkhorn", "permutation") is what "auto"
+    # runs on a GPU: Sinkhorn, then the warm-started auction.
     torch._dynamo.reset()
     x0, x1 = torch.randn(16, 48), torch.randn(16, 48)
-    explanation = torch._dynamo.explain(lambda a, b: eotfast.pair(a, b))(x0, x1)
+
+    def call(a, b):
+        return eotfast.pair(a, b, method, sampling=sampling)
+
+    explanation = torch._dynamo.explain(call)(x0, x1)
     assert explanation.graph_break_count == 0
-    j = torch.compile(lambda a, b: eotfast.pair(a, b), fullgraph=True)(x0, x1)
+    j = torch.compile(call, fullgraph=True)(x0, x1)
     assert j.shape == (16,) and ((0 <= j) & (j < 16)).all()
+    if sampling != "sample":  # deterministic: the compiled pairs are the eager ones
+        assert torch.equal(j, call(x0, x1))

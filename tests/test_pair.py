@@ -19,11 +19,11 @@ def gap_closed(cost, columns):
 
 
 @pytest.mark.slow
-def test_default_sinkhorn_pairs_close_95_percent_of_the_gap(clustered_domains):
+def test_sampled_sinkhorn_pairs_close_95_percent_of_the_gap(clustered_domains):
     x, y = clustered_domains(n=256, d=3072)
     cost = eotfast.cost_matrix(x, y)
     closed = [
-        gap_closed(cost, eotfast.pair(x, y, generator=torch.Generator().manual_seed(s)))
+        gap_closed(cost, eotfast.pair(x, y, "sinkhorn", generator=torch.Generator().manual_seed(s)))
         for s in range(3)
     ]
     assert min(closed) >= 0.95
@@ -63,7 +63,7 @@ def test_sampled_pair_frequencies_follow_the_plan(backend):
     plan = eotfast.sinkhorn(cost, reg=0.5, tol=1e-12).plan(cost)
     row_distribution = plan / plan.sum(1, keepdim=True)
     columns = eotfast.pair(
-        x.expand(draws, n, d), y.expand(draws, m, d), reg=0.5, tol=1e-12,
+        x.expand(draws, n, d), y.expand(draws, m, d), "sinkhorn", reg=0.5, tol=1e-12,
         generator=torch.Generator().manual_seed(0), backend=backend,
     )  # fmt: skip
     frequencies = (
@@ -77,7 +77,8 @@ def test_sampled_pair_frequencies_follow_the_plan(backend):
 def test_fixed_generator_seed_reproduces_pairs(clustered_domains):
     x, y = clustered_domains(n=64, d=100)
     first, second, other = (
-        eotfast.pair(x, y, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)
+        eotfast.pair(x, y, "sinkhorn", generator=torch.Generator().manual_seed(s))
+        for s in (7, 7, 8)
     )
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
@@ -134,7 +135,7 @@ def test_permutation_sampling_gives_distinct_targets_near_the_optimum(clustered_
     epsilon = float(eotfast.sinkhorn(cost).epsilon)
     optimum, ours = _optimum(cost), _total(cost, columns)
     assert optimum * (1 - 1e-6) <= ours <= optimum + m * epsilon
-    sampled = eotfast.pair(x, y, generator=torch.Generator().manual_seed(0))
+    sampled = eotfast.pair(x, y, "sinkhorn", generator=torch.Generator().manual_seed(0))
     assert ours < _total(cost, sampled)
     random = cost.double().mean(1).sum().item()
     assert (random - ours) / (random - optimum) > 0.95  # gap closed
@@ -159,6 +160,37 @@ def test_permutation_sampling_warm_start_takes_fewer_bids_than_a_cold_solve(clus
     assert 2 * int(warm.n_bids) < int(cold.n_bids), (warm.n_bids, cold.n_bids)
     pairs = eotfast.pair(x, y, sampling="permutation", backend="cpu")
     assert torch.equal(pairs, warm.assignment)
+
+
+def test_auto_pairs_are_distinct_and_optimal_on_the_cpu(clustered_domains):
+    # On the CPU "auto" is the auction: scipy's optimal total, every target once.
+    x, y = clustered_domains(n=96, d=300)
+    columns = eotfast.pair(x, y)
+    assert sorted(columns.tolist()) == list(range(96))
+    cost = eotfast.cost_matrix(x, y)
+    assert _total(cost, columns) == pytest.approx(_optimum(cost), rel=1e-6)
+
+
+def test_auto_on_a_gpu_is_sinkhorn_then_the_permutation():
+    assert eotfast.pairing.auto_method(torch.device("cuda"), 8, 8) == ("sinkhorn", "permutation")
+    assert eotfast.pairing.auto_method(torch.device("cpu"), 8, 8) == ("exact", "sample")
+
+
+def test_auto_with_more_sources_than_targets_draws_from_the_plan(clustered_domains):
+    # No injection exists for n > m: "auto" draws from the Sinkhorn plan, as method "sinkhorn".
+    x, y = clustered_domains(n=48, d=300)
+    y = y[:32]
+    drawn = eotfast.pair(x, y, generator=torch.Generator().manual_seed(3))
+    expected = eotfast.pair(x, y, "sinkhorn", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, expected)
+
+
+def test_auto_with_a_sampling_is_sinkhorn_with_that_sampling(clustered_domains):
+    x, y = clustered_domains(n=40, d=300)
+    for sampling in ("argmax", "permutation"):
+        assert torch.equal(
+            eotfast.pair(x, y, sampling=sampling), eotfast.pair(x, y, "sinkhorn", sampling=sampling)
+        )
 
 
 def test_permutation_sampling_refuses_more_sources_than_targets():
