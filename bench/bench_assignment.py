@@ -2,8 +2,9 @@
 
 Providers: eotfast.assignment (the auction, batched: `eotfast_cpu` the C++ kernel,
 `eotfast_torch` the PyTorch reference, at n <= 256 only, its Jacobi rounds being slow on a
-CPU), scipy's linear_sum_assignment called directly, and POT's exact plan (ot.emd) turned into
-a permutation by row argmax. The cost matrix is computed once, outside the timing. Every
+CPU; on a GPU (`-m gpu`) `eotfast_triton`, the Triton kernel on the CUDA cost), scipy's
+linear_sum_assignment called directly, and POT's exact plan (ot.emd) turned into a
+permutation by row argmax. The cost matrix is computed once, outside the timing. Every
 provider must reach the optimal total cost (scipy's): exactly for scipy and POT, within the
 auction's certified bound (m * epsilon, ~1e-5 of it by default in float32) for eotfast.
 
@@ -16,7 +17,7 @@ import numpy as np
 import ot
 import pytest
 import torch
-from _bench_utils import RELATIVE_REG, TOL, image_batches, record, size_params
+from _bench_utils import RELATIVE_REG, TOL, image_batches, record, size_params, sync
 from scipy.optimize import linear_sum_assignment
 
 import eotfast
@@ -24,18 +25,25 @@ from eotfast.assignment import solve_auction, warm_started_assignment
 from eotfast.ops import solve as ops_solve
 
 D = 3072
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 SIZES = [(64, 1), (256, 1), (1024, 1), (256, 8)]
 HEAVY = [(4096, 1)]
 
 
-@pytest.mark.parametrize("provider", ["eotfast_cpu", "eotfast_torch", "scipy_lsa", "pot_emd"])
+PROVIDERS = [pytest.param(p, CPU, id=p) for p in ("eotfast_cpu", "eotfast_torch", "scipy_lsa",
+             "pot_emd")] + [pytest.param("eotfast_triton", CUDA, id="eotfast_triton-cuda",
+                                         marks=pytest.mark.gpu)]  # fmt: skip
+
+
+@pytest.mark.parametrize("provider,device", PROVIDERS)
 @pytest.mark.parametrize("n,batch", size_params(SIZES, HEAVY, keys=("n", "b")))
-def test_assignment(benchmark, provider, n, batch):
+def test_assignment(benchmark, provider, device, n, batch):
     if provider == "eotfast_torch" and n * batch > 256:
         pytest.skip("the torch reference's Jacobi rounds: n <= 256 on a CPU")
     x, y = image_batches(n, D, batch)
     cost = eotfast.cost_matrix(x, y)  # [batch, n, n] float32
     cost64 = cost.double().numpy()
+    solver_cost = cost.to(device)
     uniform = np.full(n, 1 / n)
     bound, n_bids = [0.0] * batch, None
 
@@ -43,7 +51,9 @@ def test_assignment(benchmark, provider, n, batch):
         backend = provider.removeprefix("eotfast_")
 
         def solve():
-            return eotfast.auction(cost, backend=backend)
+            out = eotfast.auction(solver_cost, backend=backend)
+            sync(device)
+            return out
     elif provider == "scipy_lsa":
 
         def solve():
@@ -58,7 +68,7 @@ def test_assignment(benchmark, provider, n, batch):
     columns = benchmark.pedantic(solve, rounds=1 if n >= 4096 else 3, iterations=1)
     if provider.startswith("eotfast"):
         bound, n_bids = columns.bound.tolist(), columns.n_bids.tolist()
-        columns = columns.assignment.numpy()
+        columns = columns.assignment.cpu().numpy()
     totals = [cost64[k][np.arange(n), columns[k]].sum() for k in range(batch)]
     optimal = [cost64[k][linear_sum_assignment(cost64[k])].sum() for k in range(batch)]
     gap = [(t - o) / o for t, o in zip(totals, optimal, strict=True)]
@@ -69,29 +79,37 @@ def test_assignment(benchmark, provider, n, batch):
 
 
 @pytest.mark.parametrize("start", ["warm", "cold"])
+@pytest.mark.parametrize(
+    "backend,device",
+    [pytest.param("cpu", CPU, id="cpu"),
+     pytest.param("triton", CUDA, id="triton-cuda", marks=pytest.mark.gpu)],
+)  # fmt: skip
 @pytest.mark.parametrize("n,batch", size_params([(256, 1), (1024, 1)], [(4096, 1)], ("n", "b")))
-def test_assignment_warm_start(benchmark, start, n, batch):
+def test_assignment_warm_start(benchmark, start, backend, device, n, batch):
     x, y = image_batches(n, D, batch)
-    cost = eotfast.cost_matrix(x, y)
+    cost = eotfast.cost_matrix(x.to(device), y.to(device))
     result, shifted, _ = ops_solve.sinkhorn_on_shifted_cost(
-        cost, None, None, RELATIVE_REG, True, 10_000, TOL, "cpu", 0.5, None
+        cost, None, None, RELATIVE_REG, True, 10_000, TOL, backend, 0.5, None
     )
-    zeros = torch.zeros(batch, n)
+    zeros = torch.zeros(batch, n, device=device)
 
     def solve():
         if start == "warm":
-            return warm_started_assignment(shifted, result, "cpu")
-        span = shifted.amax(dim=(-2, -1))
-        return solve_auction(shifted, zeros, span / 8, result.epsilon, 0.2, 10**9, "cpu")
+            out = warm_started_assignment(shifted, result, backend)
+        else:
+            span = shifted.amax(dim=(-2, -1))
+            out = solve_auction(shifted, zeros, span / 8, result.epsilon, 0.2, 10**9, backend)
+        sync(device)
+        return out
 
     out = benchmark.pedantic(solve, rounds=5, iterations=1, warmup_rounds=1)
-    cost64 = cost.double()
+    cost64 = cost.double().cpu()
     rows = torch.arange(n)
-    totals = [float(cost64[k][rows, out.assignment[k]].sum()) for k in range(batch)]
+    totals = [float(cost64[k][rows, out.assignment[k].cpu()].sum()) for k in range(batch)]
     optimal = [float(cost64[k].numpy()[linear_sum_assignment(cost64[k].numpy())].sum())
                for k in range(batch)]  # fmt: skip
     random = [float(cost64[k].mean(1).sum()) for k in range(batch)]
     gap_closed = min((r - t) / (r - o) for r, t, o in zip(random, totals, optimal, strict=True))
-    record(benchmark, "assignment_after_sinkhorn", f"eotfast_cpu_{start}", n, D, batch,
+    record(benchmark, "assignment_after_sinkhorn", f"eotfast_{backend}_{start}", n, D, batch,
            gap_closed=gap_closed, distinct_targets=1.0, n_bids=out.n_bids.tolist(),
            sinkhorn_epsilon=result.epsilon.tolist())  # fmt: skip
