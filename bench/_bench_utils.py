@@ -83,6 +83,37 @@ def pairing_quality(cost: torch.Tensor, rows: torch.Tensor, partners: torch.Tens
     }
 
 
+def geomloss_blur(epsilon: float) -> float:
+    """GeomLoss's ``blur`` for our epsilon. For p = 2 its cost is |x - y|^2 / 2 = C / 2 and
+    its temperature blur**2; its plan a_i b_j exp((F_i + G_j - C_ij / 2) / blur**2) is ours,
+    exp((f_i + g_j - C_ij) / epsilon) with f = 2 F + epsilon log a, g = 2 G + epsilon log b,
+    when blur**2 = epsilon / 2."""
+    return (epsilon / 2) ** 0.5
+
+
+def geomloss_plan(cost: torch.Tensor, f: torch.Tensor, g: torch.Tensor, blur: float):
+    """The plan of GeomLoss's potentials f [..., n], g [..., m] (uniform weights) on our
+    cost C = |x - y|^2 [..., n, m], in float64."""
+    n, m = cost.shape[-2:]
+    f, g = f.double().reshape(*cost.shape[:-2], n, 1), g.double().reshape(*cost.shape[:-2], 1, m)
+    return torch.exp((f + g - cost.double() / 2) / blur**2) / (n * m)
+
+
+def geomloss_diameter(x: torch.Tensor, y: torch.Tensor) -> float:
+    """GeomLoss's default diameter: the bounding-box diagonal of all the points of x and y."""
+    points = torch.cat([x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])])
+    return float((points.max(0).values - points.min(0).values).norm())
+
+
+def geomloss_iterations(diameter: float, blur: float, scaling: float) -> int:
+    """Sinkhorn iterations (two sweeps of the cost each) that GeomLoss runs for p = 2: one at
+    epsilon = diameter**2 to start, one per temperature of its schedule (diameter**2, then
+    multiplied by scaling**2 at every step while above blur**2, then blur**2), and a last
+    one at blur**2."""
+    steps = np.arange(2 * np.log(diameter), 2 * np.log(blur), 2 * np.log(scaling))
+    return 1 + (1 + len(steps) + 1) + 1
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

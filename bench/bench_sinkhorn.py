@@ -10,7 +10,14 @@ Providers: eotfast's backends (cpu, torch = the eager reference; triton and cuda
 the reference's iteration compiled with torch.compile (compilation timed separately, as
 compile_s), POT's ot.bregman.sinkhorn_log on numpy (float64) and torch, and POT's batched
 ot.batch.solve_batch (method log_sinkhorn, its own stopping test: it gets tol = 1e-4 and its
-reached error is recorded).
+reached error is recorded), and GeomLoss's Sinkhorn loop (SamplesLoss("sinkhorn", p=2,
+blur=sqrt(epsilon / 2), scaling=0.5, debias=False, potentials=True, backend="tensorized"):
+its cost |x - y|^2 / 2 is half of ours and its temperature blur**2, so its plan is ours at
+epsilon). GeomLoss takes points, not a cost: it gets the same cost through its ``cost``
+argument, with its default diameter (the bounding-box diagonal of the points) passed as
+``diameter``. It has no tolerance: it anneals epsilon from diameter**2 by scaling**2 per
+iteration down to blur**2, one iteration per value and a last one at blur**2, and stops;
+its iterations are counted from that schedule and the error it reached is recorded.
 
 Throughput: ns_per_entry_iteration = median seconds * 1e9 / (batch * n * n * n_iter), the
 time per cost entry and iteration. An iteration sweeps the n x n cost twice (the column
@@ -31,6 +38,10 @@ from _bench_utils import (
     RELATIVE_REG,
     TOL,
     column_error,
+    geomloss_blur,
+    geomloss_diameter,
+    geomloss_iterations,
+    geomloss_plan,
     image_batches,
     median_s,
     record,
@@ -178,3 +189,33 @@ def test_sinkhorn_pot_solve_batch(benchmark, device, n, batch):
     plans = torch.as_tensor(result.plan).double().cpu().numpy()
     # Its own stopping test: record the error it reached instead of requiring ours.
     finish(benchmark, f"POT solve_batch ({device.type})", n, batch, plans, -1, check=False)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param(CPU, id="cpu"), pytest.param(CUDA, id="cuda", marks=pytest.mark.gpu)],
+)
+@pytest.mark.parametrize("n,batch", SIZE_PARAMS)
+def test_sinkhorn_geomloss(benchmark, device, n, batch):
+    from geomloss import SamplesLoss
+
+    cost, epsilon = problem(n, batch, device)
+    diameter = geomloss_diameter(*image_batches(n, D, batch))  # the points of `cost`
+    blur, scaling = geomloss_blur(epsilon), 0.5
+    # GeomLoss asks cost(x, y) for C_xy and cost(y, x) for C_yx: dummy points select which.
+    sources = torch.zeros(batch, n, 1, device=device)
+    targets = torch.ones(batch, n, 1, device=device)
+    half_costs = {"xy": cost / 2, "yx": (cost / 2).mT.contiguous()}
+    loss = SamplesLoss("sinkhorn", p=2, blur=blur, diameter=diameter, scaling=scaling,
+                       debias=False, potentials=True, backend="tensorized",
+                       cost=lambda a, b: half_costs["xy" if a is sources else "yx"])  # fmt: skip
+
+    def solve():
+        out = loss(sources, targets)
+        sync(device)
+        return out
+
+    f, g = benchmark.pedantic(solve, rounds=3, iterations=1, warmup_rounds=1)
+    plans = geomloss_plan(cost, f, g, blur).cpu().numpy()
+    finish(benchmark, f"GeomLoss tensorized ({device.type})", n, batch, plans,
+           geomloss_iterations(diameter, blur, scaling), check=False)  # fmt: skip
