@@ -706,8 +706,9 @@ def pair_cases(draw, sizes=sizes, features=features, iterations=ITERATION_LIMITS
     n, m, d = draw(sizes), draw(sizes), draw(features)
     dtype = draw(st.sampled_from(DTYPES))
     scale, ratio = draw(point_scales), draw(offset_ratios)
-    method = draw(st.sampled_from(["sinkhorn", "sinkhorn", "exact", "emd", "random", "hungarian"]))
-    sampling = draw(st.sampled_from(["sample", "argmax", "top1"]))
+    methods = ["auto", "sinkhorn", "sinkhorn", "exact", "emd", "random", "hungarian"]
+    method = draw(st.sampled_from(methods))
+    sampling = draw(st.sampled_from(["sample", "argmax", "top1", None]))
     broken = draw(
         st.sampled_from([None] * 8 + ["x", "method", "sampling", "reg", "max_iter", "tol"])
     )
@@ -715,7 +716,7 @@ def pair_cases(draw, sizes=sizes, features=features, iterations=ITERATION_LIMITS
         method = "hungarian"
     elif method == "hungarian":
         method = "sinkhorn"
-    sampling = "top1" if broken == "sampling" else sampling.replace("top1", "sample")
+    sampling = "top1" if broken == "sampling" else "sample" if sampling == "top1" else sampling
     reg, reg_kind = draw(regs(broken == "reg"))
     relative = draw(st.booleans())
     max_iter, iter_ok = draw(iterations.filter(lambda k: k[1] == (broken != "max_iter")))
@@ -760,11 +761,14 @@ def _pair_property(case, backend):
         culprits.add("method")
     if sampling == "top1":
         culprits.add("sampling")
+    requested = method
+    if method == "auto":  # on the CPU: the auction where distinct targets exist, else Sinkhorn
+        method = "exact" if sampling is None and n <= m else "sinkhorn"
     may_refuse = set()
     if method == "exact" and n > m:
         culprits |= {"x", "y"}  # each row its own column needs n <= m
-    # Arguments of the Sinkhorn solve are checked where it runs (method "sinkhorn"); the other
-    # methods ignore them, so refusing or accepting them is both fine there.
+    # Arguments of the Sinkhorn solve are checked whichever method runs ("auto" runs Sinkhorn
+    # on some devices only); an extreme reg may be refused by any method.
     sinkhorn_culprits = set()
     if reg_kind == "invalid":
         sinkhorn_culprits.add("reg")
@@ -772,12 +776,9 @@ def _pair_property(case, backend):
         sinkhorn_culprits.add("max_iter")
     if not tol_ok:
         sinkhorn_culprits.add("tol")
-    if method == "sinkhorn":
-        culprits |= sinkhorn_culprits
-        if reg_kind == "extreme" or not 1e-6 < scale < 1e6:
-            may_refuse.add("reg")
-    else:
-        may_refuse |= sinkhorn_culprits
+    culprits |= sinkhorn_culprits
+    if reg_kind == "extreme" or (method == "sinkhorn" and not 1e-6 < scale < 1e6):
+        may_refuse.add("reg")
     if distances_may_overflow(scale, ratio, d, dtype):
         may_refuse |= {"x", "y"}
 
@@ -794,7 +795,7 @@ def _pair_property(case, backend):
     generator = torch.Generator().manual_seed(seed)
     options = dict(reg=reg, relative_reg=relative, max_iter=max_iter, tol=tol, backend=backend)
     check_outcome(
-        lambda: eotfast.pair(x, y, method, sampling=sampling, generator=generator, **options),
+        lambda: eotfast.pair(x, y, requested, sampling=sampling, generator=generator, **options),
         culprits,
         may_refuse=may_refuse,
         oracle=oracle,

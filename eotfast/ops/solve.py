@@ -52,22 +52,7 @@ def sinkhorn_on_shifted_cost(
     error above ~1e-4 at epsilon = 1e-3 * std; shifted, the potentials are ~20x smaller and the
     error goes below 1e-5 (measured, d = 3072, n = 64)."""
     check_tensor("cost", cost, min_dim=2)
-    reg = check_positive("reg", reg)
-    check_iteration_limit("max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if scaling is not None and (
-        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1
-    ):
-        raise ValueError(f"scaling must be None or a number in (0, 1), got {scaling!r}")
-    if relaxation is None:
-        relaxation = DEFAULT_RELAXATION if scaling is not None else 1.0
-    if (
-        isinstance(relaxation, bool)
-        or not isinstance(relaxation, (int, float))
-        or not 1 <= relaxation < 2
-    ):
-        raise ValueError(f"relaxation must be None or a number in [1, 2), got {relaxation!r}")
+    reg, relaxation = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
     # The solvers are not differentiable (no autograd formula is registered): work on detached
     # inputs, so the outputs say so instead of failing in backward.
     cost = cost.detach()
@@ -99,6 +84,28 @@ def sinkhorn_on_shifted_cost(
         marginal_error=error.reshape(batch_shape),
     )
     return result, shifted_cost, offset
+
+
+def check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation) -> tuple[float, float]:
+    """The number arguments of a Sinkhorn solve, checked without the cost (so that pair
+    checks them whichever method it runs); returns (reg, relaxation), None resolved."""
+    reg = check_positive("reg", reg)
+    check_iteration_limit("max_iter", max_iter)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if scaling is not None and (
+        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1
+    ):
+        raise ValueError(f"scaling must be None or a number in (0, 1), got {scaling!r}")
+    if relaxation is None:
+        relaxation = DEFAULT_RELAXATION if scaling is not None else 1.0
+    if (
+        isinstance(relaxation, bool)
+        or not isinstance(relaxation, (int, float))
+        or not 1 <= relaxation < 2
+    ):
+        raise ValueError(f"relaxation must be None or a number in [1, 2), got {relaxation!r}")
+    return reg, relaxation
 
 
 def check_epsilon_range(epsilon, reg, relative_reg) -> None:
