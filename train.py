@@ -8,7 +8,8 @@
 Every step draws a source and a target batch independently, pairs them by mini-batch optimal
 transport (eotfast.pair, inside the compiled step), and trains the U-Net to denoise each
 target conditioned on its source partner. The options are the fields of TrainConfig
-(eotfast/ddpm/config.py); the library code is eotfast/ddpm/.
+(eotfast/ddpm/config.py); the library code is eotfast/ddpm/. An option whose default reads
+"per data set" takes the value listed for --dataset unless it is given.
 
 With --resume, the options given change how long the run goes, how it executes and how it is
 observed; the data, model, optimizer, diffusion, pairing and seed stay the checkpoint's (a
@@ -26,7 +27,15 @@ import sys
 import torch
 
 from eotfast.ddpm.checkpoint import CheckpointError
-from eotfast.ddpm.config import ConfigError, TrainConfig, bounds_text, flag
+from eotfast.ddpm.config import (
+    PER_DATASET_OPTIONS,
+    ConfigError,
+    TrainConfig,
+    bounds_text,
+    example_value,
+    flag,
+    per_dataset_text,
+)
 from eotfast.ddpm.data import DataError
 from eotfast.ddpm.distributed import launched_world
 from eotfast.ddpm.trainer import TrainingDiverged, evaluate_checkpoint, finite_or_none, run
@@ -53,6 +62,8 @@ def int_tuple(text: str) -> tuple[int, ...]:
 def default_text(field: dataclasses.Field) -> str:
     if "default_help" in field.metadata:
         return field.metadata["default_help"]
+    if field.name in PER_DATASET_OPTIONS:
+        return per_dataset_text(field.name)
     if isinstance(field.default, tuple):
         return ",".join(str(v) for v in field.default) or "none"
     return str(field.default)
@@ -81,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         allowed = bounds_text(meta)
         allowed = f"; in {allowed}" if allowed else ""
         kwargs = {"help": f"{help_text} (default: {default_text(field)}{allowed})"}
+        example = example_value(field)  # per-data-set options: digits' value
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
-        elif isinstance(field.default, tuple):
+        elif isinstance(example, tuple):
             kwargs.update(type=int_tuple, metavar="N,N,...")
-        elif isinstance(field.default, float):
+        elif isinstance(example, float):
             kwargs["type"] = float
-        elif isinstance(field.default, int) or field.type.startswith("int"):
+        elif isinstance(example, int) or field.type.startswith("int"):
             kwargs["type"] = int
         parser.add_argument(flag(field.name), **kwargs)
     parser.add_argument(

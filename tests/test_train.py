@@ -431,7 +431,7 @@ def test_every_option_is_a_field_with_help_and_its_default():
         assert field.metadata["help"] and field.metadata["resume"] in ("run", "experiment")
         name = field.name.replace("_", "-")
         assert f"--{name}" in help_text or f"--no-{name}" in help_text, name
-    assert "optimizer steps of the whole run (default: 600; in [1," in help_text
+    assert "optimizer steps of the whole run (default: per data set: digits 600," in help_text
     assert "(default: per data set: digits 16, cmnist 32" in help_text
 
 
