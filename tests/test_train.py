@@ -762,6 +762,58 @@ def test_two_processes_with_gloo_pair_globally_and_match_one_process(tmp_path):
     assert len(list((tmp_path / "straight" / "samples").iterdir())) == 1
 
 
+CRASH_WORKER = r"""
+import json, os, sys
+
+from eotfast.ddpm.config import TrainConfig
+from eotfast.ddpm.trainer import Trainer, run
+
+out, options, fail_at = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+draw, calls = Trainer.next_batch, [0]
+
+
+def next_batch(self):  # rank 1 fails when it draws its fail_at-th batch
+    calls[0] += 1
+    if os.environ["RANK"] == "1" and calls[0] == fail_at:
+        raise RuntimeError("injected failure on rank 1")
+    return draw(self)
+
+
+Trainer.next_batch = next_batch
+run(TrainConfig(**options, out_dir=out), resume=os.path.exists(out + "/checkpoint.pt"),
+    progress=False)
+"""
+
+
+def test_a_crash_on_one_of_two_processes_ends_the_run_with_a_checkpoint(tmp_path):
+    # Rank 1 fails as step 3 begins; rank 0 finds out in the next collective (the global
+    # pairing's gather) and writes step 2's state, which a new 2-process run resumes.
+    worker = tmp_path / "crash_worker.py"
+    worker.write_text(CRASH_WORKER)
+    options = {k: v for k, v in TINY.items() if k not in ("steps", "checkpoint_every")}
+    options.update(batch_size=4, eval_size=4, checkpoint_every=100, ot="sinkhorn")
+
+    def launch(steps, fail_at):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
+             str(tmp_path / "run"), json.dumps({**options, "steps": steps}), str(fail_at)],
+            capture_output=True, text=True, timeout=180, cwd=tmp_path,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+
+    crashed = launch(steps=6, fail_at=3)
+    assert crashed.returncode != 0
+    assert "injected failure on rank 1" in crashed.stderr
+    assert "stopped by an error at step 2: checkpoint written to" in crashed.stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    resumed = launch(steps=4, fail_at=0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
 def test_bf16_autocast_runs_on_the_cpu_and_matches_fp32(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, precision="bf16", ot="exact"))
     assert trainer.autocast is torch.bfloat16

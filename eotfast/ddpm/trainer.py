@@ -12,11 +12,13 @@ checkpoint files are :mod:`~eotfast.ddpm.checkpoint`'s, and the metrics
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -484,6 +486,22 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGINT and SIGTERM until the block ends (then delivers them), so that a second
+    Ctrl-C, or torchrun's SIGTERM after another process failed, does not cut a checkpoint
+    write short. Main thread only, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
     # ------------------------------------------------------------------------ build
     error = None
@@ -584,15 +602,23 @@ def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
             # -- evaluate (rank 0; the others wait for it at the next step's gradients)
             if config.eval_every and trainer.step % config.eval_every == 0 and not last and main:
                 evaluate()
-    except KeyboardInterrupt:
+    except TrainingDiverged:
+        raise  # its weights are not worth keeping: the last checkpoint stays
+    except BaseException as error:
+        # Ctrl-C, torchrun's SIGTERM, or an error: here or on another process (which shows
+        # here as a failed collective). Every collective ends in backward, before the
+        # optimizer step, or after the step is complete, so the weights, optimizer and EMA
+        # are those of step trainer.step: rank 0 writes them, without a collective.
         bar.close()
-        path = trainer.save(collective=False)  # another process may be gone: no collective
-        if main:
-            print(
-                f"\ninterrupted at step {trainer.step}: checkpoint written to {path}; "
-                f"continue with --resume --out-dir {out_dir}",
-                file=sys.stderr,
-            )
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+        with signals_deferred():  # torchrun's SIGTERM follows a peer's crash: finish writing
+            try:
+                path = trainer.save(collective=False)
+                note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
+            except OSError as failure:  # the error may be the disk's: keep the first one
+                note = f"no checkpoint written ({failure.strerror or failure})"
+            if main:
+                print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
         raise
     bar.close()
 
