@@ -47,7 +47,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     import torch
 
     versions = {}
-    for package in ("eotfast", "torch", "pot", "scipy", "numpy", "triton", "torchcfm"):
+    for package in ("eotfast", "torch", "pot", "scipy", "numpy", "triton", "torchcfm", "geomloss"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -16,13 +16,22 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).parent
-OP_ORDER = ["cost_matrix", "sinkhorn", "assignment", "pair", "pair_tol", "train_step"]
+OP_ORDER = [
+    "cost_matrix",
+    "sinkhorn",
+    "assignment",
+    "assignment_after_sinkhorn",
+    "pair",
+    "pair_tol",
+    "train_step",
+]
 PLOTTED_OPS = ["cost_matrix", "sinkhorn", "assignment", "pair"]
 QUALITY = [("n_iter", "iterations", "{:d}"), ("marginal_error", "marginal error", "{:.1e}"),
            ("gap_closed", "gap closed", "{:.1%}"), ("distinct_targets", "distinct", "{:.0%}"),
            ("compile_s", "compile s", "{:.1f}"), ("pair_share", "pair share", "{:.1%}"),
            ("steps_per_s", "steps/s", "{:.2f}"), ("gflops", "GFLOP/s", "{:.1f}"),
-           ("ns_per_entry_iteration", "ns/entry/iter", "{:.3g}")]  # fmt: skip
+           ("ns_per_entry_iteration", "ns/entry/iter", "{:.3g}"),
+           ("n_bids", "auction bids", "{:,}")]  # fmt: skip
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
@@ -104,6 +113,8 @@ def op_section(op: str, cases: list[dict]) -> list[str]:
                    str(case["rounds"]), speedup]  # fmt: skip
             for key, _, spec in quality_keys:
                 value = case.get(key)
+                if isinstance(value, list):  # one per problem of the batch: their mean
+                    value = round(sum(value) / len(value))
                 row.append("" if value is None or value == -1 else spec.format(value))
             lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
