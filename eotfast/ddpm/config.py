@@ -55,7 +55,7 @@ LABELLED_DATASETS = ("digits", "cmnist")  # classes 0..9
 # TrainConfig always wins. The help text lists these values; checkpoints keep resolved ones.
 #
 # digits and cmnist: sized for 2 CPU cores (`python train.py`: 600 steps of batch 64 at
-# 16x16 in 1 min 19 s, measured in the README). shoes2bags and folders: one 64 px recipe for
+# 16x16 in 1 min 20 s, measured in the README). shoes2bags and folders: one 64 px recipe for
 # one 80 GB GPU, taken from the published 64 px diffusion and translation settings:
 #   DDPM       Ho et al. 2020, CIFAR-10 32 px (scripts/run_cifar.py): ch 128, mult 1,2,2,2,
 #              2 res blocks, attention at 16, dropout 0.1, Adam 2e-4, batch 128, warm-up
