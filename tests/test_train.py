@@ -832,6 +832,42 @@ def test_a_crash_on_one_of_two_processes_ends_the_run_with_a_checkpoint(tmp_path
     assert sorted(train_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
+def test_ctrl_c_under_torchrun_ends_the_run_with_a_checkpoint(tmp_path):
+    # Ctrl-C in a terminal sends SIGINT to torchrun and to every process it started.
+    import os
+    import signal
+    import time
+
+    worker = tmp_path / "crash_worker.py"
+    worker.write_text(CRASH_WORKER)  # with fail_at 0: no injected failure
+    options = {k: v for k, v in TINY.items() if k not in ("steps", "checkpoint_every")}
+    options.update(batch_size=4, eval_size=4, checkpoint_every=10**6, ot="sinkhorn", steps=10**6)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
+         str(tmp_path / "run"), json.dumps(options), "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert "interrupted at step" in stderr, stderr[-3000:]
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"]
+    # The last complete step: logged, or interrupted between its update and its log line.
+    assert 3 <= max(train_losses(tmp_path / "run")) <= saved
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

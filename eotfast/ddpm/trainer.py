@@ -12,7 +12,6 @@ checkpoint files are :mod:`~eotfast.ddpm.checkpoint`'s, and the metrics
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -470,36 +469,31 @@ def run(
     config = config.resolved()
     out_dir = Path(config.out_dir)
     joined = join(resolve_device(config.device, world))
-    previous_handler = None
-    if world.distributed:  # torchrun stops its processes with SIGTERM: checkpoint as on Ctrl-C
-        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT (Ctrl-C) and SIGTERM (torchrun stopping its processes, a scheduler's preemption)
+    # stop the loop with a checkpoint; set only from the main thread, where Python runs them.
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        _STOPPING.clear()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous_handlers[number] = signal.signal(number, _interrupt)
     try:
         return _train(config, state, world, out_dir, data, progress, tqdm)
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
         if joined:
             leave()
 
 
+# Set once the loop is stopping. The first SIGINT or SIGTERM stops it; later ones (a second
+# Ctrl-C, or torchrun's SIGTERM after another process failed, which followed within 0.1 s
+# in the 2-process test) arrive while the checkpoint is written and must not cut it short.
+_STOPPING = threading.Event()
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def signals_deferred():
-    """Holds SIGINT and SIGTERM until the block ends (then delivers them), so that a second
-    Ctrl-C, or torchrun's SIGTERM after another process failed, does not cut a checkpoint
-    write short. Main thread only, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if not _STOPPING.is_set():
+        raise KeyboardInterrupt
 
 
 def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
@@ -609,16 +603,16 @@ def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
         # here as a failed collective). Every collective ends in backward, before the
         # optimizer step, or after the step is complete, so the weights, optimizer and EMA
         # are those of step trainer.step: rank 0 writes them, without a collective.
+        _STOPPING.set()
         bar.close()
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
-        with signals_deferred():  # torchrun's SIGTERM follows a peer's crash: finish writing
-            try:
-                path = trainer.save(collective=False)
-                note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
-            except OSError as failure:  # the error may be the disk's: keep the first one
-                note = f"no checkpoint written ({failure.strerror or failure})"
-            if main:
-                print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
+        try:
+            path = trainer.save(collective=False)
+            note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
+        except OSError as failure:  # the error may be the disk's: keep the first one
+            note = f"no checkpoint written ({failure.strerror or failure})"
+        if main:
+            print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
         raise
     bar.close()
 
