@@ -738,6 +738,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(worker: Path, *args: str, popen: bool = False, **options):
+    """Runs ``worker`` as 2 processes under torchrun on loopback, one thread each (the
+    machine's 2 cores), in the worker's folder: subprocess.run's result, or the Popen."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(worker),
+        *args,
+    ]
+    options.update(text=True, cwd=worker.parent,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    if popen:
+        return subprocess.Popen(command, **options)
+    return subprocess.run(command, capture_output=True, timeout=180, **options)
+
+
 TWO_GPUS = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"
 )
@@ -754,13 +774,7 @@ def test_two_processes_pair_globally_and_match_one_process(tmp_path, device):
     tiny.update(batch_size=4, eval_size=4, log_every=1, checkpoint_every=2, ot="sinkhorn")
     # fp32 on GPUs too: the comparison with one process is of DDP, not of bf16 rounding.
     tiny.update(device=device, precision="fp32")
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
-         str(tmp_path), json.dumps(tiny)],
-        capture_output=True, text=True, timeout=180, cwd=tmp_path,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    completed = torchrun(worker, str(tmp_path), json.dumps(tiny))
     assert completed.returncode == 0, completed.stderr[-3000:]
     reports = [json.loads((tmp_path / f"report_{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
@@ -813,13 +827,8 @@ def test_a_crash_on_one_of_two_processes_ends_the_run_with_a_checkpoint(tmp_path
     options.update(batch_size=4, eval_size=4, checkpoint_every=100, ot="sinkhorn")
 
     def launch(steps, fail_at):
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
-             str(tmp_path / "run"), json.dumps({**options, "steps": steps}), str(fail_at)],
-            capture_output=True, text=True, timeout=180, cwd=tmp_path,
-            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+        run_dir, options_text = str(tmp_path / "run"), json.dumps({**options, "steps": steps})
+        return torchrun(worker, run_dir, options_text, str(fail_at))
 
     crashed = launch(steps=6, fail_at=3)
     assert crashed.returncode != 0
@@ -842,13 +851,16 @@ def test_ctrl_c_under_torchrun_ends_the_run_with_a_checkpoint(tmp_path):
     worker.write_text(CRASH_WORKER)  # with fail_at 0: no injected failure
     options = {k: v for k, v in TINY.items() if k not in ("steps", "checkpoint_every")}
     options.update(batch_size=4, eval_size=4, checkpoint_every=10**6, ot="sinkhorn", steps=10**6)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(worker),
-         str(tmp_path / "run"), json.dumps(options), "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-    )  # fmt: skip
+    process = torchrun(
+        worker,
+        str(tmp_path / "run"),
+        json.dumps(options),
+        "0",
+        popen=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
