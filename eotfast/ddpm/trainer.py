@@ -12,6 +12,7 @@ checkpoint files are :mod:`~eotfast.ddpm.checkpoint`'s, and the metrics
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -469,34 +470,62 @@ def run(
     config = config.resolved()
     out_dir = Path(config.out_dir)
     joined = join(resolve_device(config.device, world))
-    # SIGINT (Ctrl-C) and SIGTERM (torchrun stopping its processes, a scheduler's preemption)
-    # stop the loop with a checkpoint; set only from the main thread, where Python runs them.
-    previous_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        _STOPPING.clear()
-        for number in (signal.SIGINT, signal.SIGTERM):
-            previous_handlers[number] = signal.signal(number, _interrupt)
+    stop = StopSignals()
     try:
-        return _train(config, state, world, out_dir, data, progress, tqdm)
+        return _train(config, state, world, out_dir, data, progress, tqdm, stop)
     finally:
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
+        stop.restore()
         if joined:
             leave()
 
 
-# Set once the loop is stopping. The first SIGINT or SIGTERM stops it; later ones (a second
-# Ctrl-C, or torchrun's SIGTERM after another process failed, which followed within 0.1 s
-# in the 2-process test) arrive while the checkpoint is written and must not cut it short.
-_STOPPING = threading.Event()
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun stopping its processes, a scheduler's preemption)
+    as a request to stop the training loop, which then writes a checkpoint.
 
+    The first signal raises KeyboardInterrupt, except inside :meth:`held` (an optimizer
+    step), where it waits for the step's end: raised between ``optimizer.step()`` and the
+    step counter, it would save step k + 1's weights as step k. Once the loop is
+    ``stopping``, later signals are ignored (a second Ctrl-C, or torchrun's SIGTERM, which
+    followed another process's failure within 0.1 s in the 2-process test), so that they
+    cannot cut the checkpoint write short. Installed from the main thread only (where Python
+    runs handlers), and not over a signal the parent process set to be ignored."""
 
-def _interrupt(signum, frame):
-    if not _STOPPING.is_set():
+    def __init__(self):
+        self.stopping = self.holding = self.pending = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self.previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.stopping:
+            return
+        if self.holding:
+            self.pending = True
+            return
+        self.stopping = True
         raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def held(self):
+        """A signal arriving inside the block stops the loop after it."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending and not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
 
-def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def _train(config, state, world, out_dir, data, progress, tqdm, stop: StopSignals) -> dict:
     # ------------------------------------------------------------------------ build
     error = None
     if world.is_main:  # rank 0 alone writes files
@@ -563,7 +592,8 @@ def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
                 partner = trainer.global_partners(source, target)
             loss = trainer.step_fn(source, target, partner)
             # -- step: backward (DDP averages the gradients), clip, AdamW, schedule, EMA
-            trainer.apply_gradients(loss)
+            with stop.held():  # the weights, optimizer, EMA and step counter move together
+                trainer.apply_gradients(loss)
             running_loss += loss.detach()
             window_steps += 1
             bar.update(1)
@@ -600,17 +630,18 @@ def _train(config, state, world, out_dir, data, progress, tqdm) -> dict:
         raise  # its weights are not worth keeping: the last checkpoint stays
     except BaseException as error:
         # Ctrl-C, torchrun's SIGTERM, or an error: here or on another process (which shows
-        # here as a failed collective). Every collective ends in backward, before the
-        # optimizer step, or after the step is complete, so the weights, optimizer and EMA
-        # are those of step trainer.step: rank 0 writes them, without a collective.
-        _STOPPING.set()
+        # here as a failed collective). Collectives fail in backward, before the optimizer
+        # step, or after the step is complete, and signals wait for the step's end
+        # (StopSignals.held), so the weights, optimizer and EMA are those of step
+        # trainer.step: rank 0 writes them, without a collective.
+        stop.stopping = True
         bar.close()
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
         try:
             path = trainer.save(collective=False)
             note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
-        except OSError as failure:  # the error may be the disk's: keep the first one
-            note = f"no checkpoint written ({failure.strerror or failure})"
+        except Exception as failure:  # the disk's or the device's: report the first error
+            note = f"no checkpoint written ({type(failure).__name__}: {failure})"
         if main:
             print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
         raise
