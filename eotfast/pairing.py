@@ -19,24 +19,25 @@ PAIR_METHODS = ("auto", "sinkhorn", "exact", "emd", "random")
 SAMPLING_MODES = ("sample", "argmax", "permutation")
 
 
-def auto_method(device: torch.device, n: int, m: int) -> tuple[str, str]:
-    """(method, sampling) of ``pair(method="auto")``: the fastest pairing with distinct
-    targets and (near-)exact quality on `device`, for n sources and m targets.
+def auto_method(backend: str, n: int, m: int) -> tuple[str, str | None]:
+    """(method, sampling) of ``pair(method="auto")`` with the resolved `backend`: the fastest
+    pairing with distinct targets and (near-)optimal total cost, for n sources and m targets.
 
     Measured at n = m = 1024, d = 3072 (bench/bench_pair.py, image-like batches):
-    - CPU (2 cores): "exact" 45 ms (the cost matrix's GEMM 33 ms, the C++ auction 4 ms;
-      gap closed 1.0) against Sinkhorn + permutation 113 ms (gap closed 0.998): the auction
-      of the C++ kernel costs less than the Sinkhorn iterations, so the exact pairing wins.
-    - GPU (H100): "exact" took 48 ms in the Triton auction (one program per problem, its
-      rounds one after the other), the Triton Sinkhorn 13 ms. The permutation phase after
-      Sinkhorn needs 1,164 rounds and 3,561 bids where the cold "exact" auction needs 4,068
-      rounds and 35,752 bids (the same Jacobi rounds counted in the PyTorch reference on the
-      CPU), so Sinkhorn + permutation comes first there: 13 ms plus a third or less of 48.
+    - "cpu" (the C++ kernels, 2 cores): "exact" 40 ms (the cost matrix's GEMM 34 ms, the
+      Gauss-Seidel auction 3.6 ms; gap closed 1.0) against Sinkhorn + permutation 100 ms
+      (gap closed 0.998): the auction costs less than the Sinkhorn iterations.
+    - "triton" on an H100: "exact" took 48 ms (one program per problem, ~12 us per Jacobi
+      round), the Sinkhorn 13 ms. The permutation phase after Sinkhorn at tol 1e-3 needs 926
+      Jacobi rounds and 3,283 bids where the cold auction needs 4,068 rounds and 35,752 bids
+      (counted with the PyTorch reference, which bids in the same rounds), so Sinkhorn +
+      permutation comes first. "cuda" runs the same auction; "torch" bids in Jacobi rounds
+      too (n = 256, on the CPU: "exact" 110 ms, Sinkhorn + permutation 49 ms).
     n > m admits no distinct targets: partners are then drawn from the Sinkhorn plan."""
     if n > m:
         return "sinkhorn", "sample"
-    if device.type == "cpu":
-        return "exact", "sample"
+    if backend == "cpu":
+        return "exact", None
     return "sinkhorn", "permutation"
 
 
@@ -79,14 +80,19 @@ def pair(
         Target batch, same leading dimensions, dtype and device.
     method : {"auto", "sinkhorn", "exact", "emd", "random"}
         "auto" (the default): distinct targets of (near-)optimal total cost by the fastest
-        route on x's device (:func:`auto_method`): "exact" on the CPU, "sinkhorn" with
-        sampling "permutation" on a GPU; with n > m, "sinkhorn" with sampling "sample".
-        Given a ``sampling``, "auto" means "sinkhorn" with that sampling.
+        route for the backend (:func:`auto_method`): "exact" with "cpu" (the CPU default),
+        "sinkhorn" with sampling "permutation" with the others (the GPU default "triton");
+        with n > m, "sinkhorn" with sampling "sample". Given a ``sampling``, "auto" means
+        "sinkhorn" with that sampling.
         "sinkhorn": entropic plan by :func:`eotfast.sinkhorn`, one target per row drawn from
         the plan's row, its argmax, or the permutation closest to the plan (see
         ``sampling``); stays on the device, no host sync.
         "exact": optimal assignment (:func:`eotfast.assignment`, the auction, needs n <= m):
-        distinct targets, the minimal total cost (within ~1e-6 of it), on the device.
+        distinct targets, the minimal total cost within the auction's bound, on the device:
+        1e-6 of the optimum, but never below m * 16 ulps of the cost range in the cost's
+        dtype (float32: 8e-6 of the optimum on image batches; relatively more when the
+        optimum is tiny next to the range, as for near-identical low-dimensional batches:
+        pass float64 points there).
         "emd": POT's exact plan (:func:`eotfast.emd`, solved on the host), then drawn from
         its rows like "sinkhorn". "random": uniformly random partners (distinct when
         n <= m), the baseline.
@@ -98,7 +104,11 @@ def pair(
         (99.8% with "permutation"), and 1e-3 takes 220 iterations instead of 234. Looser
         costs the permutation more than it saves: its auction, warm-started from a less
         converged g, needs 11,046 bids at 3e-3 and 18,796 at 1e-2 against 2,692 at 1e-3, and
-        on a GPU 4,630 and 7,191 Jacobi rounds against 926 (a cold auction: 4,068).
+        on a GPU 4,630 and 7,191 Jacobi rounds against 926 (a cold auction: 4,068). ``tol``
+        bounds the norm over all m targets, so each target's mass is off by up to about
+        tol * sqrt(m) of its own, root mean square (measured, mean: 0.9% at m = 256, 1.5% at
+        1024, 3.9% at 4096): pass a smaller tol to draw from large plans ("permutation" and
+        "exact" give every target once whatever tol).
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
         Backend of the cost matrix, the Sinkhorn solve and the draw from the plan rows (see
         :func:`eotfast.sinkhorn` and eotfast.ops.registry).
@@ -151,7 +161,13 @@ def pair(
     backend = resolve_backend(backend, x.device)  # also for "random": a bad name is an error
     if method == "auto":
         method, sampling = (
-            auto_method(x.device, n, m) if sampling is None else ("sinkhorn", sampling)
+            auto_method(backend, n, m) if sampling is None else ("sinkhorn", sampling)
+        )
+    if method in ("exact", "random") and sampling is not None:
+        raise ValueError(
+            f"sampling applies to methods 'sinkhorn' and 'emd' (and 'auto', which it makes "
+            f"'sinkhorn'); method={method!r} gives distinct targets itself, got "
+            f"sampling={sampling!r}"
         )
     sampling = sampling or "sample"
     if method == "random":

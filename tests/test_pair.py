@@ -94,8 +94,8 @@ def test_argmax_sampling_takes_each_rows_most_likely_target():
 
 def test_pair_keeps_batch_shape_device_and_dtype():
     x, y = torch.randn(2, 3, 16, 10), torch.randn(2, 3, 16, 10)
-    cases = [("sinkhorn", "sample"), ("sinkhorn", "permutation"), ("exact", "sample"),
-             ("emd", "sample"), ("random", "sample")]  # fmt: skip
+    cases = [("auto", None), ("sinkhorn", "sample"), ("sinkhorn", "permutation"),
+             ("exact", None), ("emd", "sample"), ("random", None)]  # fmt: skip
     for method, sampling in cases:
         columns = eotfast.pair(x, y, method=method, sampling=sampling)
         assert columns.shape == (2, 3, 16) and columns.dtype == torch.int64
@@ -171,9 +171,20 @@ def test_auto_pairs_are_distinct_and_optimal_on_the_cpu(clustered_domains):
     assert _total(cost, columns) == pytest.approx(_optimum(cost), rel=1e-6)
 
 
-def test_auto_on_a_gpu_is_sinkhorn_then_the_permutation():
-    assert eotfast.pairing.auto_method(torch.device("cuda"), 8, 8) == ("sinkhorn", "permutation")
-    assert eotfast.pairing.auto_method(torch.device("cpu"), 8, 8) == ("exact", "sample")
+def test_auto_without_the_cpu_kernels_is_sinkhorn_then_the_permutation(clustered_domains):
+    # The auction bids in Jacobi rounds everywhere but in the C++ kernel ("cpu"): there
+    # "auto" warm-starts it from Sinkhorn, as on a GPU ("triton", "cuda").
+    x, y = clustered_domains(n=48, d=300)
+    expected = eotfast.pair(x, y, "sinkhorn", sampling="permutation", backend="torch")
+    assert torch.equal(eotfast.pair(x, y, backend="torch"), expected)
+    assert eotfast.pairing.auto_method("triton", 8, 8) == ("sinkhorn", "permutation")
+
+
+def test_sampling_with_a_method_that_has_no_plan_is_an_error():
+    x, y = torch.randn(6, 3), torch.randn(6, 3)
+    for method in ("exact", "random"):
+        with pytest.raises(ValueError, match=f"method='{method}' gives distinct targets"):
+            eotfast.pair(x, y, method, sampling="argmax")
 
 
 def test_auto_with_more_sources_than_targets_draws_from_the_plan(clustered_domains):

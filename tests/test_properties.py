@@ -708,7 +708,7 @@ def pair_cases(draw, sizes=sizes, features=features, iterations=ITERATION_LIMITS
     scale, ratio = draw(point_scales), draw(offset_ratios)
     methods = ["auto", "sinkhorn", "sinkhorn", "exact", "emd", "random", "hungarian"]
     method = draw(st.sampled_from(methods))
-    sampling = draw(st.sampled_from(["sample", "argmax", "top1", None]))
+    sampling = draw(st.sampled_from(["sample", "argmax", "permutation", "top1", None]))
     broken = draw(
         st.sampled_from([None] * 8 + ["x", "method", "sampling", "reg", "max_iter", "tol"])
     )
@@ -761,10 +761,21 @@ def _pair_property(case, backend):
         culprits.add("method")
     if sampling == "top1":
         culprits.add("sampling")
-    requested = method
-    if method == "auto":  # on the CPU: the auction where distinct targets exist, else Sinkhorn
-        method = "exact" if sampling is None and n <= m else "sinkhorn"
+    requested, drawn = method, sampling  # drawn: how pair takes the targets
+    if method == "auto":  # pairing.auto_method: the C++ auction, else Sinkhorn + permutation
+        if sampling is None:
+            method, drawn = (
+                ("sinkhorn", "sample") if n > m
+                else ("exact", None) if backend == "cpu"
+                else ("sinkhorn", "permutation")
+            )  # fmt: skip
+        else:
+            method = "sinkhorn"
     may_refuse = set()
+    if method in ("exact", "random") and sampling is not None:
+        culprits.add("sampling")  # these give their targets without a plan to draw from
+    if drawn == "permutation" and (method == "emd" or n > m):
+        culprits.add("sampling")  # distinct targets, from Sinkhorn's plan only
     if method == "exact" and n > m:
         culprits |= {"x", "y"}  # each row its own column needs n <= m
     # Arguments of the Sinkhorn solve are checked whichever method runs ("auto" runs Sinkhorn
@@ -784,7 +795,7 @@ def _pair_property(case, backend):
 
     def oracle(j):
         check_partners(j, batch, n, m)
-        if method in ("exact", "random") and n <= m:
+        if (method in ("exact", "random") or drawn == "permutation") and n <= m:
             check_injective(j)
         if method == "exact":
             cost64 = cdist_oracle(x, y)

@@ -83,11 +83,12 @@ class Evaluator:
         unique_sources = data.test_source[:num_images]
         targets = data.test_target[: max(num_images, len(unique_sources))]
         # OT partners of the held-out sources among the held-out targets: exact assignment.
+        exact = len(unique_sources) <= len(targets)
         partner_index = pair(
             to_model_range(unique_sources).flatten(1),
             to_model_range(targets).flatten(1),
-            "exact" if len(unique_sources) <= len(targets) else "emd",
-            sampling="argmax",
+            "exact" if exact else "emd",
+            sampling=None if exact else "argmax",
         )
         # Cycle through the held-out sources until num_images outputs (different noise).
         index = torch.arange(num_images) % len(unique_sources)

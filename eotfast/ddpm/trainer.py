@@ -143,7 +143,9 @@ class PairedDenoisingLoss(nn.Module):
         super().__init__()
         self.model = model if autocast is None else Autocast(model, autocast)
         self.diffusion = diffusion
-        self.method, self.backend, self.reg, self.sampling = method, backend, reg, sampling
+        self.method, self.backend, self.reg = method, backend, reg
+        # --sampling is how a partner is taken from a plan's row: methods with a plan only.
+        self.sampling = sampling if method in ("sinkhorn", "emd") else None
 
     def partners(
         self, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
