@@ -175,6 +175,9 @@ def test_resume_of_a_shoes2bags_config_keeps_its_values():
     config, ignored = merge_for_resume(saved, given, {"out_dir", "steps", "eval_every", "lr"})
     assert per_dataset(config.resolved()) == {**IMAGES_64, "steps": 400_000, "eval_every": 0}
     assert ignored == ["--lr 0.5 (saved: 0.0001)"]
+    # Named but left at None (its data set's default): the saved value stays.
+    config, ignored = merge_for_resume(saved, TrainConfig(out_dir="x"), {"out_dir", "steps"})
+    assert config.steps == 300_000 and not ignored
 
 
 def test_a_shoes2bags_run_saves_resolved_values_and_resumes_with_them(capsys, tmp_path):

@@ -337,9 +337,11 @@ def merge_for_resume(
         if name not in given_names:
             continue
         new, old = getattr(given, name), values.get(name, field.default)
+        if new is None:  # a per-data-set option left to its default: the saved value stays
+            continue
         if field.metadata["resume"] == RUN:
             values[name] = new
-        elif new is not None and new != old:
+        elif new != old:
             ignored.append(f"{flag(name)} {_text(new)} (saved: {_text(old)})")
     return TrainConfig(**values), ignored
 
