@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 
 import torch
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rank_prefix()}error: out of memory ({first_line}); lower --image-size or "
               f"--batch-size", file=sys.stderr)  # fmt: skip
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # the shell's convention: 128 + the signal's number
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     if metrics:  # under torchrun, rank 0's
         print(json.dumps(finite_or_none(metrics), indent=2, allow_nan=False))
     return 0

@@ -339,6 +339,29 @@ def test_a_signal_during_the_optimizer_step_waits_for_the_step_to_end(tmp_path, 
     assert state["scheduler"]["last_epoch"] == 3
 
 
+def test_sigterm_stops_train_py_with_a_checkpoint_and_exit_code_143(tmp_path):
+    # A scheduler's preemption: SIGTERM, then the checkpoint, then 128 + 15.
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_PY), *TINY_ARGS[2:], "--steps", "100000", "--log-every", "1",
+         "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n"):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at step" in stderr
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 1
+
+
 def test_corrupted_or_truncated_checkpoint_gives_a_clear_error(tmp_path):
     run(tiny_config(tmp_path, steps=2), progress=False)
     path = tmp_path / "run" / "checkpoint.pt"
@@ -863,7 +886,7 @@ def test_a_crash_on_one_of_two_processes_ends_the_run_with_a_checkpoint(tmp_path
     assert "injected failure on rank 1" in crashed.stderr
     # Rank 0 learns of it from the failed collective or from torchrun's SIGTERM, whichever
     # comes first: either way it writes step 2.
-    assert re.search(r"(stopped by an error|interrupted) at step 2: checkpoint written to",
+    assert re.search(r"stopped by (an error|SIGTERM) at step 2: checkpoint written to",
                      crashed.stderr), crashed.stderr[-3000:]  # fmt: skip
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
     resumed = launch(steps=4, fail_at=0)
@@ -905,7 +928,7 @@ def test_ctrl_c_under_torchrun_ends_the_run_with_a_checkpoint(tmp_path):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
-    assert "interrupted at step" in stderr, stderr[-3000:]
+    assert "stopped by SIGINT at step" in stderr, stderr[-3000:]
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"]
     # The last complete step: logged, or interrupted between its update and its log line.
     assert 3 <= max(train_losses(tmp_path / "run")) <= saved

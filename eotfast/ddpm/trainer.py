@@ -481,20 +481,30 @@ def run(
             leave()
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal: ``signum`` (SIGINT for Ctrl-C, SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (torchrun stopping its processes, a scheduler's preemption)
     as a request to stop the training loop, which then writes a checkpoint.
 
-    The first signal raises KeyboardInterrupt, except inside :meth:`held` (an optimizer
-    step), where it waits for the step's end: raised between ``optimizer.step()`` and the
-    step counter, it would save step k + 1's weights as step k. Once the loop is
-    ``stopping``, later signals are ignored (a second Ctrl-C, or torchrun's SIGTERM, which
-    followed another process's failure within 0.1 s in the 2-process test), so that they
-    cannot cut the checkpoint write short. Installed from the main thread only (where Python
-    runs handlers), and not over a signal the parent process set to be ignored."""
+    The first signal raises :class:`Stopped` (a KeyboardInterrupt), except inside
+    :meth:`held` (an optimizer step), where it waits for the step's end: raised between
+    ``optimizer.step()`` and the step counter, it would save step k + 1's weights as step k.
+    Once the loop is ``stopping``, later signals are ignored (a second Ctrl-C, or torchrun's
+    SIGTERM, which followed another process's failure within 0.1 s in the 2-process test),
+    so that they cannot cut the checkpoint write short. Installed from the main thread only
+    (where Python runs handlers), and not over a signal the parent process set to be
+    ignored."""
 
     def __init__(self):
-        self.stopping = self.holding = self.pending = False
+        self.stopping = self.holding = False
+        self.pending = None  # the signal that arrived inside held()
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
@@ -505,10 +515,10 @@ class StopSignals:
         if self.stopping:
             return
         if self.holding:
-            self.pending = True
+            self.pending = signum
             return
         self.stopping = True
-        raise KeyboardInterrupt
+        raise Stopped(signum)
 
     @contextlib.contextmanager
     def held(self):
@@ -518,9 +528,9 @@ class StopSignals:
             yield
         finally:
             self.holding = False
-        if self.pending and not self.stopping:
+        if self.pending is not None and not self.stopping:
             self.stopping = True
-            raise KeyboardInterrupt
+            raise Stopped(self.pending)
 
     def restore(self) -> None:
         for number, handler in self.previous.items():
@@ -638,7 +648,11 @@ def _train(config, state, world, out_dir, data, progress, tqdm, stop: StopSignal
         # trainer.step: rank 0 writes them, without a collective.
         stop.stopping = True
         bar.close()
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+        reason = (
+            f"stopped by {error}" if isinstance(error, Stopped)
+            else "interrupted" if isinstance(error, KeyboardInterrupt)
+            else "stopped by an error"
+        )  # fmt: skip
         try:
             path = trainer.save(collective=False)
             note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
