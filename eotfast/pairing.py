@@ -148,8 +148,6 @@ def pair(
             f"x and y must have the same leading (batch) dimensions, got x.shape="
             f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
         )
-    check_finite_values("x", x)
-    check_finite_values("y", y)
     # Checked whichever method runs: "auto" picks Sinkhorn on some devices and not others.
     solve.check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
     if not relative_reg:  # an absolute epsilon: its range is known before any cost
@@ -170,7 +168,9 @@ def pair(
             f"sampling={sampling!r}"
         )
     sampling = sampling or "sample"
-    if method == "random":
+    if method == "random":  # the one method without a cost matrix, which checks x and y
+        check_finite_values("x", x)
+        check_finite_values("y", y)
         return _random_pairing(batch_shape, n, m, x.device, generator)
 
     permutation = sampling == "permutation" and method == "sinkhorn"
