@@ -41,7 +41,7 @@ def test_assignment(benchmark, provider, device, n, batch):
     if provider == "eotfast_torch" and n * batch > 256:
         pytest.skip("the torch reference's Jacobi rounds: n <= 256 on a CPU")
     x, y = image_batches(n, D, batch)
-    cost = eotfast.cost_matrix(x, y)  # [batch, n, n] float32
+    cost = eotfast.cost_matrix(x, y, batch_dims=1)  # [batch, n, n] float32
     cost64 = cost.double().numpy()
     solver_cost = cost.to(device)
     uniform = np.full(n, 1 / n)
@@ -87,7 +87,7 @@ def test_assignment(benchmark, provider, device, n, batch):
 @pytest.mark.parametrize("n,batch", size_params([(256, 1), (1024, 1)], [(4096, 1)], ("n", "b")))
 def test_assignment_warm_start(benchmark, start, backend, device, n, batch):
     x, y = image_batches(n, D, batch)
-    cost = eotfast.cost_matrix(x.to(device), y.to(device))
+    cost = eotfast.cost_matrix(x.to(device), y.to(device), batch_dims=1)
     result, shifted, _ = ops_solve.sinkhorn_on_shifted_cost(
         cost, None, None, RELATIVE_REG, True, 10_000, TOL, backend, 0.5, None
     )

@@ -36,7 +36,7 @@ def test_cost_matrix(benchmark, provider, backend, device, n, d, batch):
             pytest.skip(f"backend {backend} is not available here")
 
         def compute():
-            return eotfast.cost_matrix(x, y, backend=backend)
+            return eotfast.cost_matrix(x, y, batch_dims=1, backend=backend)
     elif provider == "torch_cdist":
 
         def compute():

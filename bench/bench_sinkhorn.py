@@ -60,7 +60,7 @@ SIZE_PARAMS = size_params(SIZES, HEAVY, keys=("n", "b"))  # ids like "n64-b1"
 
 def problem(n, batch, device):
     x, y = image_batches(n, D, batch)
-    cost = eotfast.cost_matrix(x, y).to(device)  # float32 [batch, n, n]
+    cost = eotfast.cost_matrix(x, y, batch_dims=1).to(device)  # float32 [batch, n, n]
     return cost, float(RELATIVE_REG * cost.double().std(correction=0))
 
 

@@ -39,7 +39,7 @@ def main() -> None:
     print(header)
     for n, batch in CASES:
         x, y = image_batches(n, D, batch)
-        cost = eotfast.cost_matrix(x.to(device), y.to(device), backend="torch")
+        cost = eotfast.cost_matrix(x.to(device), y.to(device), batch_dims=1, backend="torch")
         cost = cost - cost.amin(dim=(-2, -1), keepdim=True)  # as sinkhorn() shifts it
         epsilon = RELATIVE_REG * cost.flatten(1).std(dim=1, correction=0)
         a = torch.full((batch, n), 1 / n, device=device)

@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "check_tensor",
-    "check_point_batches",
+    "point_batches",
     "check_same_device",
     "check_positive",
     "check_iteration_limit",
@@ -40,26 +40,69 @@ def check_tensor(name: str, value, *, min_dim: int, floating: bool = True) -> to
     return value
 
 
-def check_point_batches(x, y) -> None:
-    """Two batches of points x [..., n, d] and y [..., m, d]: float tensors on one device with
-    the same feature dimension d."""
-    check_tensor("x", x, min_dim=2)
-    check_tensor("y", y, min_dim=2)
-    check_same_device(x=x, y=y)
-    if x.shape[-1] != y.shape[-1]:
+def _batch_dims_hint(x: torch.Tensor, y: torch.Tensor, batch_dims: int) -> str:
+    """A suggestion for shapes that the given batch_dims cannot read: the batch_dims under
+    which they would be two batches of equally shaped samples, if there is one (readings as
+    scalar samples, which any shape has, are left out)."""
+    for k in range(min(x.dim(), y.dim()) - 1):
+        if k == batch_dims or x.shape[k + 1 :] != y.shape[k + 1 :]:
+            continue
+        try:
+            torch.broadcast_shapes(x.shape[:k], y.shape[:k])
+        except RuntimeError:
+            continue
+        if k == 0:
+            return "; if the first dimension indexes samples, pass batch_dims=0"
+        leading = "the first dimension indexes" if k == 1 else f"the first {k} dimensions index"
+        return f"; if {leading} independent problems, pass batch_dims={k}"
+    return ""
+
+
+def point_batches(x, y, batch_dims, *, same_batch: bool = False):
+    """Validated x [*batch, n, d] and y [*batch, m, d] views of two sample batches.
+
+    The input contract of pair and cost_matrix: x has shape (*batch, n, *features), where
+    batch is its first ``batch_dims`` dimensions (independent problems, none by default), n
+    the samples and features the rest, flattened into d (an image batch [n, C, H, W] is n
+    samples of d = C * H * W). y has the same feature shape, and batch dimensions that
+    broadcast against x's (equal ones with ``same_batch``). No shape is guessed: a pair of
+    shapes that only another ``batch_dims`` reads gets an error that says so.
+    """
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
         raise ValueError(
-            f"x and y must have the same feature dimension, got x.shape={tuple(x.shape)} "
-            f"and y.shape={tuple(y.shape)}"
+            f"batch_dims must be an integer >= 0 (the number of leading dimensions that index "
+            f"independent problems), got {batch_dims!r}"
         )
+    check_tensor("x", x, min_dim=batch_dims + 1)
+    check_tensor("y", y, min_dim=batch_dims + 1)
+    check_same_device(x=x, y=y)
     if x.dtype != y.dtype:
         raise TypeError(f"x and y must have the same dtype, got {x.dtype} and {y.dtype}")
+    reading = (
+        f"read with batch_dims={batch_dims} as (*batch, samples, *features): x.shape="
+        f"{tuple(x.shape)}, y.shape={tuple(y.shape)}"
+    )
+    if x.shape[batch_dims + 1 :] != y.shape[batch_dims + 1 :]:
+        raise ValueError(
+            f"x and y must have samples of the same shape, {reading}"
+            f"{_batch_dims_hint(x, y, batch_dims)}"
+        )
+    x_batch, y_batch = x.shape[:batch_dims], y.shape[:batch_dims]
+    if same_batch and x_batch != y_batch:
+        raise ValueError(
+            f"x and y must have the same batch dimensions, {reading}"
+            f"{_batch_dims_hint(x, y, batch_dims)}"
+        )
     try:
-        torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+        torch.broadcast_shapes(x_batch, y_batch)
     except RuntimeError:
         raise ValueError(
-            f"the leading (batch) dimensions of x and y must broadcast, got x.shape="
-            f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
+            f"the batch dimensions of x and y must broadcast, {reading}"
+            f"{_batch_dims_hint(x, y, batch_dims)}"
         ) from None
+    x = x.reshape(*x.shape[: batch_dims + 1], -1)  # [*batch, n, d]
+    y = y.reshape(*y.shape[: batch_dims + 1], -1)  # [*batch, m, d]
+    return x, y
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

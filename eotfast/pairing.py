@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from eotfast._validation import check_finite_values, check_point_batches
+from eotfast._validation import check_finite_values, point_batches
 from eotfast.assignment import warm_started_assignment
-from eotfast.cost import cost_matrix
+from eotfast.cost import checked_cost_matrix
 from eotfast.exact import assignment, emd
 from eotfast.ops import solve
 from eotfast.ops.common import SOLVER_DTYPES
@@ -56,6 +57,7 @@ def pair(
     y: torch.Tensor,
     method: str = "auto",
     *,
+    batch_dims: int = 0,
     reg: float = 0.05,
     relative_reg: bool = True,
     max_iter: int = 1000,
@@ -65,19 +67,24 @@ def pair(
     sampling: str | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    group: dist.ProcessGroup | None = None,
+    return_partners: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Pairs each source sample with a target sample by mini-batch optimal transport.
 
     The cost is the squared Euclidean distance (:func:`eotfast.cost_matrix`) of the flattened
-    samples. Returns ``j`` such that ``(x[..., i, :], y[..., j[..., i], :])`` are the pairs.
+    samples. Returns ``j`` such that ``(x[i], y[j[i]])`` are the pairs (with batch
+    dimensions: ``(x[..., i, :], y[..., j[..., i], :])``).
 
     Parameters
     ----------
-    x : Tensor, shape (..., n, d)
-        Source batch; leading dimensions index independent problems. Flatten images first
-        (``x.flatten(-3)``).
-    y : Tensor, shape (..., m, d)
-        Target batch, same leading dimensions, dtype and device.
+    x : Tensor, shape (n, *features), or (*batch, n, *features) with ``batch_dims``
+        Source batch: the first dimension indexes the samples and the rest are flattened
+        into the features, as torchcfm and POT read a batch, so image batches
+        [n, C, H, W] go in as they are.
+    y : Tensor, shape (m, *features), or (*batch, m, *features)
+        Target batch: samples of x's feature shape, the same batch dimensions, dtype and
+        device.
     method : {"auto", "sinkhorn", "exact", "emd", "random"}
         "auto" (the default): distinct targets of (near-)optimal total cost by the fastest
         route for the backend (:func:`auto_method`): "exact" with "cpu" (the CPU default),
@@ -109,6 +116,11 @@ def pair(
         tol * sqrt(m) of its own, root mean square (measured, mean: 0.9% at m = 256, 1.5% at
         1024, 3.9% at 4096): pass a smaller tol to draw from large plans ("permutation" and
         "exact" give every target once whatever tol).
+    batch_dims : int
+        How many leading dimensions of x and y index independent problems, each paired on
+        its own (0: one problem). Shapes are never guessed: x [8, 256, 3072] is 8 samples of
+        256 * 3072 features unless ``batch_dims=1`` says it holds 8 problems of 256 samples;
+        shapes that only another ``batch_dims`` can read are an error that names it.
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
         Backend of the cost matrix, the Sinkhorn solve and the draw from the plan rows (see
         :func:`eotfast.sinkhorn` and eotfast.ops.registry).
@@ -125,28 +137,50 @@ def pair(
     generator : torch.Generator, optional
         Source of randomness for "sample" and "random", on x's device; fixes the pairs for a
         fixed seed. Leave None inside torch.compile.
+    group : torch.distributed.ProcessGroup, optional
+        Pairs over the global batch of a process group (``torch.distributed.group.WORLD``
+        for every process): each process's sources against the targets of every process.
+        Every process of the group calls ``pair`` with the same arguments and equal shapes;
+        x and y are gathered (``all_gather``: NCCL keeps CUDA tensors on the device, gloo
+        serves CPU tensors), every process solves the same problem of world * n sources and
+        world * m targets, and keeps the rows of its own sources. ``j`` then indexes the
+        concatenation of all processes' targets in rank order: the answer of one process
+        pairing the concatenated batches, for these rows. Cost: (world * n) x (world * m)
+        cost entries and their solve on every process, plus the gathers of x and y. The
+        solves are deterministic, so distinct targets ("exact", "permutation") stay distinct
+        across processes; "sample" draws each row on its own process, and "random" gives
+        distinct targets across processes only with a ``generator`` seeded alike on each.
+        None (the default): the local batch.
+    return_partners : bool
+        Return ``(j, partners)``, the partners being the targets themselves,
+        ``partners[i] = y[j[i]]`` of shape (*batch, n, *features): with a ``group``, taken
+        from the targets already gathered, so callers need not gather them again.
 
     Returns
     -------
-    Tensor, shape (..., n), int64
-        Target index for each source sample, on x's device.
+    Tensor, shape (n,) or (*batch, n), int64
+        Target index for each source sample, on x's device; ``(j, partners)`` with
+        ``return_partners``.
 
     Examples
     --------
-    >>> x0, x1 = torch.randn(64, 3 * 32 * 32), torch.randn(64, 3 * 32 * 32)
-    >>> j = pair(x0, x1)  # distinct targets, near-optimal total cost
+    >>> x0, x1 = torch.randn(64, 3, 32, 32), torch.randn(64, 3, 32, 32)
+    >>> j = pair(x0, x1)  # [64]: distinct targets, near-optimal total cost
     >>> pairs = (x0, x1[j])
     >>> j = pair(x0, x1, "sinkhorn", generator=torch.Generator().manual_seed(0))  # from the plan
+    >>> j = pair(x0.view(8, 8, 3, 32, 32), x1.view(8, 8, 3, 32, 32), batch_dims=1)  # [8, 8]
     """
-    check_point_batches(x, y)
+    target_batch = y
+    x, y = point_batches(x, y, batch_dims, same_batch=True)  # [*batch, n, d], [*batch, m, d]
+    sample_shape = target_batch.shape[batch_dims + 1 :]  # what partners are returned as
     if method not in PAIR_METHODS:
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
     if sampling is not None and sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if x.shape[:-2] != y.shape[:-2]:
-        raise ValueError(
-            f"x and y must have the same leading (batch) dimensions, got x.shape="
-            f"{tuple(x.shape)} and y.shape={tuple(y.shape)}"
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"group must be a torch.distributed.ProcessGroup (or None for the local batch), "
+            f"got {type(group).__name__}"
         )
     # Checked whichever method runs: "auto" picks Sinkhorn on some devices and not others.
     solve.check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
@@ -154,7 +188,12 @@ def pair(
         dtype = x.dtype if x.dtype in SOLVER_DTYPES else torch.float32
         solve.check_epsilon_range(torch.tensor(float(reg), dtype=dtype), reg, False)
     x, y = x.detach(), y.detach()  # pairing picks indices: nothing to differentiate
-    batch_shape, n, m = x.shape[:-2], x.shape[-2], y.shape[-2]
+    rows = slice(None)  # the rows of this process's sources
+    if group is not None:
+        rank, n_local = dist.get_rank(group), x.shape[-2]
+        x, y = _all_gather_samples(x, group), _all_gather_samples(y, group)
+        rows = slice(rank * n_local, (rank + 1) * n_local)
+    n, m = x.shape[-2], y.shape[-2]
 
     backend = resolve_backend(backend, x.device)  # also for "random": a bad name is an error
     if method == "auto":
@@ -168,11 +207,6 @@ def pair(
             f"sampling={sampling!r}"
         )
     sampling = sampling or "sample"
-    if method == "random":  # the one method without a cost matrix, which checks x and y
-        check_finite_values("x", x)
-        check_finite_values("y", y)
-        return _random_pairing(batch_shape, n, m, x.device, generator)
-
     permutation = sampling == "permutation" and method == "sinkhorn"
     if permutation and n > m:
         raise ValueError(
@@ -190,16 +224,41 @@ def pair(
             "use method='exact'"
         )
 
-    cost = cost_matrix(x, y, backend=backend)  # [..., n, m]
+    j = _solve_pairing(
+        x, y, method, sampling, generator, backend,
+        reg=reg, relative_reg=relative_reg, max_iter=max_iter, tol=tol, scaling=scaling,
+        relaxation=relaxation,
+    )[..., rows]  # fmt: skip
+    if not return_partners:
+        return j
+    partners = y.gather(-2, j[..., None].expand(*j.shape, y.shape[-1]))  # [*batch, n, d]
+    return j, partners.reshape(*j.shape, *sample_shape)
+
+
+def _solve_pairing(x, y, method, sampling, generator, backend, **sinkhorn_options):
+    """Partners [*batch, n] of validated x [*batch, n, d] and y [*batch, m, d] by a resolved
+    method, sampling and backend; `sinkhorn_options` are sinkhorn_on_shifted_cost's."""
+    if method == "random":  # the one method without a cost matrix, which checks x and y
+        check_finite_values("x", x)
+        check_finite_values("y", y)
+        return _random_pairing(x.shape[:-2], x.shape[-2], y.shape[-2], x.device, generator)
+    cost = checked_cost_matrix(x, y, backend)  # [*batch, n, m]
     if method == "exact":
         return assignment(cost, backend=backend)
     if method == "emd":
         return draw_from_log_weights(emd(cost).log(), sampling, generator)
-
     # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
     result, shifted_cost, _ = solve.sinkhorn_on_shifted_cost(
-        cost, None, None, reg, relative_reg, max_iter, tol, backend, scaling, relaxation
+        cost, None, None, backend=backend, **sinkhorn_options
     )
-    if permutation:
+    if sampling == "permutation":
         return warm_started_assignment(shifted_cost, result, backend).assignment
     return solve.draw_partners(shifted_cost, result, sampling, generator, backend)
+
+
+def _all_gather_samples(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every process's t [*batch, n, d] (equal shapes), concatenated along the samples in
+    rank order: [*batch, world * n, d], the same on every process."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=-2)

@@ -45,7 +45,7 @@ def assert_partners_are_row_maxima(partners, x, y):
     pick either column, so indices are not compared."""
     import eotfast
 
-    cost = eotfast.cost_matrix(x.double(), y.double())
+    cost = eotfast.cost_matrix(x.double(), y.double(), batch_dims=x.dim() - 2)
     result = eotfast.sinkhorn(cost, backend="torch", tol=1e-9, max_iter=5000)
     log_weights = (result.g[..., None, :] - cost) / result.epsilon[..., None, None]
     chosen = log_weights.gather(-1, partners[..., None]).squeeze(-1)

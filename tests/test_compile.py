@@ -9,7 +9,7 @@ import eotfast
 
 def ot_paired_step(x0, x1, method, options):
     """A training-step shape: pair, gather the partners, compute a loss-like reduction."""
-    j = eotfast.pair(x0.flatten(1), x1.flatten(1), method=method, **options)
+    j = eotfast.pair(x0, x1, method=method, **options)  # [n]: images are samples first
     x1 = x1[j]  # [n, c, h, w], partners of x0
     return j, (x1 - x0).square().mean()
 

@@ -27,7 +27,9 @@ def output_dtype(backend, dtype):
 def test_cost_matrix_matches_pot_dist(backend, device, dtype, batch, n, m, d):
     x = (torch.rand(*batch, n, d, dtype=torch.float64) * 2 - 1).to(dtype)
     y = (torch.rand(*batch, m, d, dtype=torch.float64) * 2 - 1).to(dtype)
-    cost = eotfast.cost_matrix(x.to(device), y.to(device), backend=backend).cpu()
+    cost = eotfast.cost_matrix(
+        x.to(device), y.to(device), batch_dims=len(batch), backend=backend
+    ).cpu()
     assert cost.shape == (*batch, n, m)
     assert cost.dtype == output_dtype(backend, dtype)
     xs, ys = x.double().reshape(-1, n, d), y.double().reshape(-1, m, d)
@@ -43,7 +45,7 @@ def test_cost_matrix_broadcasts_leading_dimensions_on_long_features(backend, dev
     # d = 12300: beyond the largest image size of the trainer (64 x 64 x 3), not a multiple
     # of any feature tile; y's batch dimension broadcasts against x's.
     x, y = torch.randn(2, 3, 12_300), torch.randn(1, 4, 12_300)
-    cost = eotfast.cost_matrix(x.to(device), y.to(device), backend=backend).cpu()
+    cost = eotfast.cost_matrix(x.to(device), y.to(device), batch_dims=1, backend=backend).cpu()
     assert cost.shape == (2, 3, 4)
     for k in range(2):
         expected = ot.dist(x[k].double().numpy(), y[0].double().numpy())

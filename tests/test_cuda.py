@@ -30,7 +30,7 @@ def test_cuda_kernels_run_on_the_callers_stream():
     x, y = torch.randn(2, 128, 768, device="cuda"), torch.randn(2, 128, 768, device="cuda")
     plain = {"scaling": None}  # the same iterates, so f can be compared
     expected = eotfast.sinkhorn(
-        eotfast.cost_matrix(x, y, backend="torch"), backend="torch", **plain
+        eotfast.cost_matrix(x, y, batch_dims=1, backend="torch"), backend="torch", **plain
     )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -39,7 +39,7 @@ def test_cuda_kernels_run_on_the_callers_stream():
         # write results) before this stream's producer ran, and the results would differ.
         torch.cuda._sleep(50_000_000)
         x2, y2 = x * 1.0, y * 1.0
-        cost = eotfast.cost_matrix(x2, y2, backend="cuda")
+        cost = eotfast.cost_matrix(x2, y2, batch_dims=1, backend="cuda")
         result = eotfast.sinkhorn(cost, backend="cuda", **plain)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.allclose(result.f, expected.f, atol=1e-3 * float(cost.max()))

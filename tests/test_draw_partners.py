@@ -31,7 +31,9 @@ def test_sampled_frequencies_match_the_plan_rows(backend, device):
 
 def test_argmax_pairs_are_row_maxima_of_the_plan(backend, device):
     x, y = torch.randn(2, 20, 50), torch.randn(2, 23, 50)
-    partners = eotfast.pair(x.to(device), y.to(device), backend=backend, sampling="argmax")
+    partners = eotfast.pair(
+        x.to(device), y.to(device), backend=backend, sampling="argmax", batch_dims=1
+    )
     assert partners.shape == (2, 20) and partners.dtype == torch.int64
     assert_partners_are_row_maxima(partners.cpu(), x, y)
 
@@ -41,7 +43,7 @@ def test_a_seeded_generator_fixes_the_draws(backend, device):
 
     def draw(seed):
         generator = torch.Generator(device).manual_seed(seed)
-        return eotfast.pair(x, y, "sinkhorn", backend=backend, generator=generator)
+        return eotfast.pair(x, y, "sinkhorn", backend=backend, generator=generator, batch_dims=1)
 
     assert torch.equal(draw(5), draw(5))
     assert not torch.equal(draw(5), draw(6))

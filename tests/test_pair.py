@@ -64,7 +64,7 @@ def test_sampled_pair_frequencies_follow_the_plan(backend):
     row_distribution = plan / plan.sum(1, keepdim=True)
     columns = eotfast.pair(
         x.expand(draws, n, d), y.expand(draws, m, d), "sinkhorn", reg=0.5, tol=1e-12,
-        generator=torch.Generator().manual_seed(0), backend=backend,
+        generator=torch.Generator().manual_seed(0), backend=backend, batch_dims=1,
     )  # fmt: skip
     frequencies = (
         torch.stack([torch.bincount(columns[:, i], minlength=m) for i in range(n)]) / draws
@@ -97,9 +97,76 @@ def test_pair_keeps_batch_shape_device_and_dtype():
     cases = [("auto", None), ("sinkhorn", "sample"), ("sinkhorn", "permutation"),
              ("exact", None), ("emd", "sample"), ("random", None)]  # fmt: skip
     for method, sampling in cases:
-        columns = eotfast.pair(x, y, method=method, sampling=sampling)
+        columns = eotfast.pair(x, y, method=method, sampling=sampling, batch_dims=2)
         assert columns.shape == (2, 3, 16) and columns.dtype == torch.int64
         assert columns.device == x.device
+
+
+# ----------------------------------------------------------------------- input contract
+def test_image_batches_are_samples_first_as_torchcfm_and_pot_read_them(clustered_domains):
+    # [n, C, H, W] is n samples of C * H * W features (torchcfm and ot.dist flatten the same
+    # way): scipy's optimum on the flattened cost, one partner per image.
+    x, y = clustered_domains(n=16, d=3 * 8 * 8)
+    images_x, images_y = x.view(16, 3, 8, 8), y.view(16, 3, 8, 8)
+    cost = eotfast.cost_matrix(images_x, images_y)
+    assert cost.shape == (16, 16)
+    assert torch.allclose(cost.double(), torch.cdist(x.double(), y.double()) ** 2, atol=1e-3)
+    columns = eotfast.pair(images_x, images_y, "exact")
+    assert columns.shape == (16,)
+    assert _total(cost, columns) == pytest.approx(_optimum(cost), rel=1e-6)
+    # [n]: n samples of 1 feature; in 1-D the optimal pairing is monotone (sorted to sorted)
+    x1, y1 = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    one_feature = eotfast.pair(x1, y1, "exact")
+    assert torch.equal(y1[one_feature[x1.argsort()]], y1.sort().values)
+
+
+def test_batch_dims_pairs_each_problem_as_on_its_own(clustered_domains):
+    x, y = clustered_domains(n=4 * 12, d=3 * 4 * 4)
+    x, y = x.view(4, 12, 3, 4, 4), y.view(4, 12, 3, 4, 4)
+    columns = eotfast.pair(x, y, "exact", batch_dims=1)
+    assert columns.shape == (4, 12)
+    for k in range(4):
+        cost = torch.cdist(x[k].flatten(1).double(), y[k].flatten(1).double()) ** 2
+        assert _total(cost, columns[k]) == pytest.approx(_optimum(cost), rel=1e-6)
+    costs = eotfast.cost_matrix(x, y, batch_dims=1)
+    assert costs.shape == (4, 12, 12)
+
+
+@pytest.mark.parametrize(
+    "x_shape,y_shape,batch_dims,hint",
+    [
+        ((8, 16, 5), (8, 12, 5), 0, "pass batch_dims=1"),  # old-style batches
+        ((2, 3, 16, 5), (2, 3, 12, 5), 0, "pass batch_dims=2"),
+        ((16, 3, 8, 8), (12, 3, 8, 8), 1, "pass batch_dims=0"),  # images read as batches
+        ((16, 3, 8, 8), (16, 3, 8, 7), 0, ""),  # no reading fits: no hint
+    ],
+)
+def test_a_shape_that_only_another_reading_fits_is_an_error_that_names_it(
+    x_shape, y_shape, batch_dims, hint
+):
+    with pytest.raises(ValueError, match=f"batch_dims={batch_dims}") as error:
+        eotfast.pair(torch.randn(x_shape), torch.randn(y_shape), batch_dims=batch_dims)
+    assert hint in str(error.value)
+    if not hint:
+        assert "pass batch_dims" not in str(error.value)
+    if batch_dims == 0:  # cost_matrix reads shapes by the same rule
+        with pytest.raises(ValueError, match=hint or "samples of the same shape"):
+            eotfast.cost_matrix(torch.randn(x_shape), torch.randn(y_shape))
+
+
+def test_return_partners_gives_the_targets_in_their_own_shape(clustered_domains):
+    x, y = clustered_domains(n=20, d=3 * 4 * 4)
+    images_x, images_y = x.view(20, 3, 4, 4), y[:18].view(18, 3, 4, 4)
+    j, partners = eotfast.pair(images_x[:15], images_y, return_partners=True)
+    assert partners.shape == (15, 3, 4, 4) and torch.equal(partners, images_y[j])
+    batched_y = images_y[:16].view(2, 8, 3, 4, 4)
+    j, partners = eotfast.pair(
+        images_x[:16].view(2, 8, 3, 4, 4), batched_y, "sinkhorn", batch_dims=1,
+        return_partners=True,
+    )  # fmt: skip
+    assert partners.shape == (2, 8, 3, 4, 4)
+    for k in range(2):
+        assert torch.equal(partners[k], batched_y[k][j[k]])
 
 
 def _optimum(cost) -> float:

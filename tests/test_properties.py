@@ -288,13 +288,14 @@ def assert_optimal_assignment(j, cost64: np.ndarray, rtol: float, atol: np.ndarr
 @st.composite
 def cost_matrix_cases(draw, sizes=sizes, features=features):
     batch = draw(batch_shapes)
-    # y's batch dimensions: the same, a suffix (broadcast), or 1s
-    y_batch = draw(st.sampled_from(["same", "suffix", "ones"]))
-    if y_batch == "suffix":
-        by = batch[1:]
+    # y's batch dimensions (as many as x's, batch_dims says how many): the same, the first
+    # one 1 (broadcast), or all 1s
+    y_batch = draw(st.sampled_from(["same", "first_one", "ones"]))
+    if y_batch == "first_one" and batch:
+        by = (1, *batch[1:])
     elif y_batch == "ones":
         by = tuple(1 for _ in batch)
-    else:
+    else:  # "same", or "first_one" of no batch dimensions
         by = batch
     n, m, d = draw(sizes), draw(sizes), draw(features)
     dtype = draw(st.sampled_from(DTYPES))
@@ -356,7 +357,7 @@ def _cost_matrix_property(case, backend):
 
     # Finite points whose distances overflow the dtype are refused naming x and y.
     check_outcome(
-        lambda: eotfast.cost_matrix(x, y, backend=backend),
+        lambda: eotfast.cost_matrix(x, y, batch_dims=len(batch), backend=backend),
         culprits,
         may_refuse={"x", "y"} if distances_may_overflow(scale, ratio, d, dtype) else (),
         oracle=oracle,
@@ -805,6 +806,7 @@ def _pair_property(case, backend):
 
     generator = torch.Generator().manual_seed(seed)
     options = dict(reg=reg, relative_reg=relative, max_iter=max_iter, tol=tol, backend=backend)
+    options["batch_dims"] = len(batch)  # leading dimensions: independent problems
     check_outcome(
         lambda: eotfast.pair(x, y, requested, sampling=sampling, generator=generator, **options),
         culprits,
