@@ -38,9 +38,11 @@ __all__ = [
     "merge_for_resume",
 ]
 
-# --ot value -> (pair method, backend): "sinkhorn" takes the device's fastest backend, and
+# --ot value -> (pair method, backend): "auto" is pair's default (distinct targets by the
+# device's fastest route), "sinkhorn" takes the device's fastest backend, and
 # sinkhorn_<name> one backend of the registry (eotfast.ops.registry.BACKENDS).
 OT_CHOICES = {
+    "auto": ("auto", "auto"),
     "sinkhorn": ("sinkhorn", "auto"),
     **{f"sinkhorn_{name}": ("sinkhorn", name) for name in BACKENDS},
     "exact": ("exact", "auto"),
@@ -190,14 +192,21 @@ class TrainConfig:
     # Pairing.
     ot: str = option(
         "sinkhorn",
-        "pairing: Sinkhorn on a backend (sinkhorn: the device's fastest), exact assignment, "
+        "pairing: eotfast.pair's default (auto: distinct targets by the device's fastest "
+        "route), Sinkhorn on a backend (sinkhorn: the device's fastest), exact assignment, "
         "POT's emd, or random",
         choices=tuple(OT_CHOICES),
     )
     reg: float = option(
         0.05, "Sinkhorn epsilon relative to std(cost)", low=1e-6, high=1e6, positive=True
     )
-    sampling: str = option("sample", "partner from a plan row", choices=("sample", "argmax"))
+    sampling: str = option(
+        "sample",
+        "how --ot sinkhorn/emd take a partner from the plan: drawn from its row (sample), the "
+        "row's most likely target (argmax), or distinct targets by the auction warm-started "
+        "from the plan (permutation, Sinkhorn only)",
+        choices=("sample", "argmax", "permutation"),
+    )
     ot_scope: str = option(
         "auto",
         "under torchrun, pair each process's batch on its own (local) or the global batch "
@@ -368,6 +377,12 @@ def _check_relations(config: TrainConfig, values: dict[str, Any]) -> None:
         raise ConfigError(
             f"--image-size must be divisible by {factor} for --channel-mults "
             f"{_join(channel_mults)}, got {image_size}"
+        )
+    if config.sampling == "permutation" and OT_CHOICES[config.ot][0] != "sinkhorn":
+        raise ConfigError(
+            f"--sampling permutation takes distinct targets from a Sinkhorn plan: use it with "
+            f"--ot sinkhorn or sinkhorn_<backend>, got --ot {config.ot} (--ot exact and auto "
+            f"give distinct targets themselves)"
         )
     if config.sample_steps > config.timesteps:
         raise ConfigError(

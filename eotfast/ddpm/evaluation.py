@@ -85,8 +85,8 @@ class Evaluator:
         # OT partners of the held-out sources among the held-out targets: exact assignment.
         exact = len(unique_sources) <= len(targets)
         partner_index = pair(
-            to_model_range(unique_sources).flatten(1),
-            to_model_range(targets).flatten(1),
+            to_model_range(unique_sources),  # [N, C, H, W]: N samples
+            to_model_range(targets),
             "exact" if exact else "emd",
             sampling=None if exact else "argmax",
         )

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from eotfast import available_backends, pair
@@ -39,7 +40,6 @@ from eotfast.ddpm.diffusion import GaussianDiffusion
 from eotfast.ddpm.distributed import (
     World,
     all_agree,
-    all_gather_cat,
     barrier,
     gather_objects,
     join,
@@ -148,13 +148,19 @@ class PairedDenoisingLoss(nn.Module):
         self.sampling = sampling if method in ("sinkhorn", "emd") else None
 
     def partners(
-        self, source: torch.Tensor, target: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
-        """Index j [B] pairing source[i] with target[j[i]], solved in float32."""
-        x, y = source.flatten(1).float(), target.flatten(1).float()  # [B, C*H*W]
+        """The OT partner [B, C, H, W] of each source image among the targets (with a process
+        group: among the targets of every process, :func:`eotfast.pair`'s ``group``), paired
+        in float32."""
+        x, y = source.float(), target.float()  # [B, C, H, W]: B samples of C*H*W features
         if self.backend == "cpu" and x.device.type != "cpu":
             x, y = x.cpu(), y.cpu()  # the C++ solver reads host memory: an explicit choice
-        j = pair(
+        _, partner = pair(
             x,
             y,
             self.method,
@@ -162,14 +168,16 @@ class PairedDenoisingLoss(nn.Module):
             sampling=self.sampling,
             backend=self.backend,
             generator=generator,
+            group=group,
+            return_partners=True,
         )
-        return j.to(source.device)
+        return partner.to(target.device, target.dtype)
 
     def forward(
         self, source: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None
     ) -> torch.Tensor:
         if partner is None:
-            partner = target[self.partners(source, target)]
+            partner = self.partners(source, target)
         return self.diffusion.training_loss(self.model, partner, cond=source)
 
 
@@ -195,6 +203,13 @@ class Trainer:
         self.ot_scope = config.ot_scope
         if self.ot_scope == "auto":
             self.ot_scope = "global" if world.distributed else "local"
+        # The global pairing's process group: the default one, or a gloo group beside it when
+        # the pairing reads host copies of GPU batches (--ot sinkhorn_cpu), which NCCL cannot
+        # gather. None pairs the local batch.
+        self.pair_group = None
+        if self.ot_scope == "global" and world.distributed:
+            host_copies = self.backend == "cpu" and self.device.type != "cpu"
+            self.pair_group = dist.new_group(backend="gloo") if host_copies else dist.group.WORLD
         self.autocast = resolve_precision(config.precision, self.device)
 
         torch.manual_seed(config.seed)  # the same initial weights on every process
@@ -279,14 +294,12 @@ class Trainer:
         )
 
     def global_partners(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The partners of this process's sources in one OT problem over the global batch:
-        gather every process's sources and targets, solve (the same on every process), keep
-        this process's rows."""
-        all_sources = all_gather_cat(source, self.world)
-        all_targets = all_gather_cat(target, self.world)
-        j = self.loss_fn.partners(all_sources, all_targets, generator=self.pair_generator)
-        mine = j[self.world.rank * len(source) : (self.world.rank + 1) * len(source)]
-        return all_targets[mine]
+        """The partners of this process's sources in one OT problem over the global batch
+        (``pair``'s ``group``: every process gathers the sources and targets, solves the same
+        problem and keeps its own rows)."""
+        return self.loss_fn.partners(
+            source, target, generator=self.pair_generator, group=self.pair_group
+        )
 
     def apply_gradients(self, loss: torch.Tensor) -> None:
         """Backward (gradients averaged over processes by DDP), clip, optimizer and scheduler
