@@ -260,6 +260,27 @@ def test_v_prediction_target_is_its_closed_form():
 
 
 # ------------------------------------------------------------------------ the step
+@pytest.mark.parametrize("ot,sampling", [("auto", "sample"), ("sinkhorn", "permutation")])
+def test_distinct_target_pairings_use_each_target_once(tmp_path, ot, sampling):
+    from scipy.optimize import linear_sum_assignment
+
+    trainer = Trainer(tiny_config(tmp_path, ot=ot, sampling=sampling, batch_size=16))
+    source, target = trainer.next_batch()
+    partner = trainer.loss_fn.partners(source, target)  # [B, C, H, W]
+    assert partner.shape == target.shape
+    # The partners are the targets, each once (as multisets of images).
+    assert sorted(map(tuple, partner.flatten(1).tolist())) == sorted(
+        map(tuple, target.flatten(1).tolist())
+    )
+    cost = (torch.cdist(source.flatten(1).double(), target.flatten(1).double()) ** 2).numpy()
+    optimum = cost[linear_sum_assignment(cost)].sum()
+    ours = float((source.double() - partner.double()).square().sum())
+    random = cost.mean(1).sum()
+    assert ours >= optimum * (1 - 1e-6)
+    # auto is the auction on the CPU: the optimum; the permutation from the plan: near it.
+    assert (random - ours) / (random - optimum) > (0.999999 if ot == "auto" else 0.95)
+
+
 def test_compiled_step_matches_eager_and_has_no_graph_break(tmp_path):
     config = tiny_config(tmp_path, compile=False)
     trainer = Trainer(config)
@@ -512,6 +533,8 @@ def test_every_option_is_a_field_with_help_and_its_default():
         (dict(device="meta"), "--device must be auto, cpu, cuda or cuda:N"),
         (dict(steps=2.5), "--steps must be an integer"),
         (dict(compile="yes"), "--compile must be True or False"),
+        (dict(ot="exact", sampling="permutation"), "--sampling permutation takes distinct"),
+        (dict(ot="emd", sampling="permutation"), "use it with --ot sinkhorn"),
     ],
 )  # fmt: skip
 def test_python_api_gets_the_cli_checks(overrides, message):
