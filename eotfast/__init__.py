@@ -8,7 +8,7 @@
 
 from eotfast.assignment import AuctionResult, auction
 from eotfast.cost import cost_matrix
-from eotfast.exact import assignment, emd
+from eotfast.exact import assignment, emd, linear_sum_assignment
 from eotfast.ops import cpu_backend, host, torch_backend  # noqa: F401  (registers their ops)
 from eotfast.ops.registry import (
     available_backends,
@@ -30,6 +30,7 @@ __all__ = [
     "cuda_extension_available",
     "emd",
     "epsilon_from_reg",
+    "linear_sum_assignment",
     "pair",
     "sinkhorn",
     "SinkhornResult",
