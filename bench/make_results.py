@@ -21,7 +21,9 @@ OP_ORDER = [
     "sinkhorn",
     "assignment",
     "assignment_after_sinkhorn",
+    "linear_sum_assignment",
     "pair",
+    "torchcfm_sample_plan",
     "pair_tol",
     "train_step",
 ]
