@@ -44,6 +44,23 @@ def device(backend):
     return backend_device(backend)
 
 
+@pytest.fixture
+def one_thread_for_the_torch_reference(request):
+    """The torch reference's rounds are a few small tensor ops each: on a shared 2-core
+    machine, handing each to a second thread costs more than it saves (measured, one
+    200 x 257 problem: 2.8 s with one thread, 51 s with two while other jobs ran)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "torch":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "interpreter: the Triton interpreter on CPU tensors (slow: small sizes)"

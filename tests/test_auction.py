@@ -23,6 +23,8 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(1, 1), (1, 9), (5, 9), (9, 9), (7, 13), (64, 64), (200, 257)]
 MAX_BIDS = 10**8  # never reached by these tests unless they say so
 
+pytestmark = pytest.mark.usefixtures("one_thread_for_the_torch_reference")
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
@@ -31,23 +33,6 @@ def backend(request):
     if name not in eotfast.available_backends(backend_device(name)):
         pytest.skip(f"backend {name} cannot run here")
     return name
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_the_reference(request):
-    """The torch reference's rounds are a few small tensor ops each: on a shared 2-core
-    machine, handing each to a second thread costs more than it saves (measured, one
-    200 x 257 problem: 2.8 s with one thread, 51 s with two while other jobs ran)."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None or callspec.params.get("backend") != "torch":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def auction_op(backend: str):

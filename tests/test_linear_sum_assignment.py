@@ -18,21 +18,7 @@ SHAPES = [(1, 1), (1, 6), (6, 1), (5, 9), (9, 5), (30, 30), (40, 70), (70, 40)]
 INTERPRETER_SHAPES = [(3, 4), (4, 3)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_the_reference(request):
-    """The torch reference bids in rounds of small tensor ops: on a shared 2-core machine a
-    second thread costs more than it saves (tests/test_auction.py measured 2.8 s against 51 s
-    for one 200 x 257 problem)."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is None or callspec.params.get("backend") != "torch":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_for_the_torch_reference")
 
 
 def shapes_for(backend, device, shapes=SHAPES):
