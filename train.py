@@ -2,8 +2,8 @@
 
     python train.py                                    # colored digits 2 -> 3, offline, CPU ok
     python train.py --dataset shoes2bags --data-root data --ot sinkhorn_triton
-    python train.py --resume --out-dir runs/digits-sinkhorn   # continue a run where it stopped
-    python train.py --evaluate runs/digits-sinkhorn/checkpoint.pt
+    python train.py --resume --out-dir runs/digits-auto   # continue a run where it stopped
+    python train.py --evaluate runs/digits-auto/checkpoint.pt
 
 Every step draws a source and a target batch independently, pairs them by mini-batch optimal
 transport (eotfast.pair, inside the compiled step), and trains the U-Net to denoise each

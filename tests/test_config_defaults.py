@@ -34,8 +34,8 @@ IMAGES_64 = dict(
 
 # `python train.py` as it has been: every resolved value of the digits default run.
 DIGITS_RUN = dict(
-    dataset="digits", data_root=None, out_dir="runs/digits-sinkhorn", image_size=16,
-    source_digit=2, target_digit=3, ot="sinkhorn", reg=0.05, sampling="sample",
+    dataset="digits", data_root=None, out_dir="runs/digits-auto", image_size=16,
+    source_digit=2, target_digit=3, ot="auto", reg=0.05, sampling="sample",
     ot_scope="auto", steps=600, batch_size=64, lr=1e-3, weight_decay=0.0, warmup_steps=100,
     grad_clip=1.0, ema_decay=0.995, base_channels=32, channel_mults=(1, 2, 2),
     num_res_blocks=1, attention_levels=(2,), dropout=0.0, timesteps=1000, schedule="cosine",
@@ -78,7 +78,7 @@ def test_digits_resolves_to_exactly_the_values_of_the_default_run():
     assert from_cli().resolved().to_dict() == DIGITS_RUN
     cmnist = TrainConfig(dataset="cmnist").resolved().to_dict()
     assert cmnist == {**DIGITS_RUN, "dataset": "cmnist", "image_size": 32,
-                      "out_dir": "runs/cmnist-sinkhorn"}  # fmt: skip
+                      "out_dir": "runs/cmnist-auto"}  # fmt: skip
 
 
 def test_every_dataset_has_a_valid_row_and_every_row_option_defaults_to_none():

@@ -190,8 +190,11 @@ class TrainConfig:
     source_digit: int = option(2, "digits/cmnist: source class", low=0, high=9)
     target_digit: int = option(3, "digits/cmnist: target class", low=0, high=9)
     # Pairing.
+    # auto by measurement: on the digits default run over seeds 0-2, distinct targets (exact;
+    # Sinkhorn + permutation) gave a median hue error of 10.4-10.5 deg against 11.1 for pairs
+    # drawn from the plan, and 96.6-97.1% target accuracy against 96.2% (README).
     ot: str = option(
-        "sinkhorn",
+        "auto",
         "pairing: eotfast.pair's default (auto: distinct targets by the device's fastest "
         "route), Sinkhorn on a backend (sinkhorn: the device's fastest), exact assignment, "
         "POT's emd, or random",
