@@ -191,8 +191,8 @@ class TrainConfig:
     target_digit: int = option(3, "digits/cmnist: target class", low=0, high=9)
     # Pairing.
     # auto by measurement: on the digits default run over seeds 0-2, distinct targets (exact;
-    # Sinkhorn + permutation) gave a median hue error of 10.4-10.5 deg against 11.1 for pairs
-    # drawn from the plan, and 96.6-97.1% target accuracy against 96.2% (README).
+    # Sinkhorn + permutation) gave a median hue error of 10.5-10.6 deg against 11.1 for pairs
+    # drawn from the plan, and 96.5-97.3% target accuracy against 96.2% (README).
     ot: str = option(
         "auto",
         "pairing: eotfast.pair's default (auto: distinct targets by the device's fastest "
