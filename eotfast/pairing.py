@@ -188,12 +188,8 @@ def pair(
         dtype = x.dtype if x.dtype in SOLVER_DTYPES else torch.float32
         solve.check_epsilon_range(torch.tensor(float(reg), dtype=dtype), reg, False)
     x, y = x.detach(), y.detach()  # pairing picks indices: nothing to differentiate
-    rows = slice(None)  # the rows of this process's sources
-    if group is not None:
-        rank, n_local = dist.get_rank(group), x.shape[-2]
-        x, y = _all_gather_samples(x, group), _all_gather_samples(y, group)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-    n, m = x.shape[-2], y.shape[-2]
+    world = 1 if group is None else dist.get_world_size(group)
+    n, m = world * x.shape[-2], world * y.shape[-2]  # the (global) problem's size
 
     backend = resolve_backend(backend, x.device)  # also for "random": a bad name is an error
     if method == "auto":
@@ -224,6 +220,11 @@ def pair(
             "use method='exact'"
         )
 
+    rows = slice(None)  # the rows of this process's sources
+    if group is not None:  # every argument checked: no process leaves a collective behind
+        rank, n_local = dist.get_rank(group), x.shape[-2]
+        rows = slice(rank * n_local, (rank + 1) * n_local)
+        x, y = _all_gather_samples(x, group), _all_gather_samples(y, group)
     j = _solve_pairing(
         x, y, method, sampling, generator, backend,
         reg=reg, relative_reg=relative_reg, max_iter=max_iter, tol=tol, scaling=scaling,

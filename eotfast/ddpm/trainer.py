@@ -160,7 +160,7 @@ class PairedDenoisingLoss(nn.Module):
         x, y = source.float(), target.float()  # [B, C, H, W]: B samples of C*H*W features
         if self.backend == "cpu" and x.device.type != "cpu":
             x, y = x.cpu(), y.cpu()  # the C++ solver reads host memory: an explicit choice
-        _, partner = pair(
+        j, partner = pair(
             x,
             y,
             self.method,
@@ -171,7 +171,9 @@ class PairedDenoisingLoss(nn.Module):
             group=group,
             return_partners=True,
         )
-        return partner.to(target.device, target.dtype)
+        if group is None:  # the batch itself, indexed where it is: no images through the host
+            return target[j.to(target.device)]
+        return partner.to(target.device, target.dtype)  # from the gathered global batch
 
     def forward(
         self, source: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None = None
