@@ -587,6 +587,15 @@ def test_unwritable_out_dir_is_found_before_training(capsys, tmp_path):
     assert "--out-dir" in err and "not a writable folder" in err
 
 
+@pytest.mark.parametrize("name", ["checkpoint.pt", "config.json", "metrics.jsonl"])
+def test_a_folder_in_place_of_a_run_file_is_found_before_training(capsys, tmp_path, name):
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    err = cli_error(capsys, *TINY_ARGS, "--out-dir", out)
+    assert "--out-dir" in err and f"{name} is not a file" in err
+    assert not (out / "metrics.jsonl").is_file()  # refused before the first step
+
+
 def write_png_folders(root: Path, count: int = 12) -> None:
     write_image_folder(root / "trainA", count, seed=0)
     write_image_folder(root / "trainB", count, seed=1)

@@ -421,8 +421,14 @@ def check_splits(data: DomainData) -> None:
             )
 
 
+# The files a run writes in its folder (the samples go to samples/).
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "metrics.jsonl")
+
+
 def prepare_out_dir(out_dir: Path) -> None:
-    """Creates the run folder and checks that files can be written in it, before training."""
+    """Creates the run folder and checks that files can be written in it, before training:
+    a folder in place of one of the run's files (checkpoint.pt) trained, then failed at the
+    first checkpoint."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "samples").mkdir(exist_ok=True)
@@ -431,6 +437,13 @@ def prepare_out_dir(out_dir: Path) -> None:
     except OSError as error:
         reason = error.strerror or str(error)
         raise ConfigError(f"--out-dir {out_dir} is not a writable folder ({reason})") from None
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(
+                f"--out-dir {out_dir}: {name} is not a file (a folder?), and the run writes "
+                f"{path}; move it away or choose another --out-dir"
+            )
 
 
 def finite_or_none(record: dict) -> dict:
