@@ -43,6 +43,8 @@ from eotfast.ddpm.trainer import TrainingDiverged, evaluate_checkpoint, finite_o
 
 # What the command line adds to TrainConfig's fields (not saved with a run).
 COMMAND_OPTIONS = ("resume", "evaluate", "progress")
+# The options --evaluate takes from the command line; the rest comes from the checkpoint.
+EVALUATE_OPTIONS = ("eval_size", "device")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -122,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = TrainConfig(**args)  # validates every value given
         if checkpoint is not None:
+            ignored = [flag(name) for name in sorted(set(args) - set(EVALUATE_OPTIONS))]
+            if ignored or resume:
+                print(
+                    f"--evaluate takes the checkpoint's settings but --eval-size and --device; "
+                    f"ignored: {', '.join(ignored + ['--resume'] * resume)}",
+                    file=sys.stderr,
+                )
             metrics = evaluate_checkpoint(
                 checkpoint, args.get("eval_size"), device=args.get("device")
             )

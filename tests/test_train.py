@@ -403,10 +403,18 @@ def test_corrupted_or_truncated_checkpoint_gives_a_clear_error(tmp_path):
 
 def test_evaluate_command_on_a_checkpoint(tmp_path):
     run(tiny_config(tmp_path, steps=2), progress=False)
-    completed = run_cli("--evaluate", str(tmp_path / "run" / "checkpoint.pt"), "--eval-size", "8")
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    completed = run_cli("--evaluate", checkpoint, "--eval-size", "8")
     assert completed.returncode == 0, completed.stderr
     metrics = json.loads(completed.stdout)
     assert metrics["step"] == 2 and "target_accuracy" in metrics
+    assert "ignored" not in completed.stderr
+    # Flags that --evaluate does not use are named in one line, not dropped without a word.
+    completed = run_cli("--evaluate", checkpoint, "--eval-size", "8", "--steps", "5", "--lr",
+                        "0.1")  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    assert "ignored: --lr, --steps" in completed.stderr
+    assert json.loads(completed.stdout)["step"] == 2
 
 
 # ---------------------------------------------------------------- command-line errors
