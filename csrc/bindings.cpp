@@ -20,14 +20,14 @@ void sinkhorn(std::uintptr_t cost, std::uintptr_t a, std::uintptr_t b,
               std::uintptr_t epsilon, std::uintptr_t epsilon_start, std::uintptr_t f,
               std::uintptr_t g, std::uintptr_t n_iter, std::uintptr_t marginal_error,
               int64_t batch, int64_t n, int64_t m, int64_t max_iter, double tol, double scaling,
-              double relaxation, int num_threads) {
+              double relaxation, double reach, int num_threads) {
   eotfast::cpu::sinkhorn<T>(
       reinterpret_cast<const T*>(cost), reinterpret_cast<const T*>(a),
       reinterpret_cast<const T*>(b), reinterpret_cast<const T*>(epsilon),
       reinterpret_cast<const T*>(epsilon_start), reinterpret_cast<T*>(f),
       reinterpret_cast<T*>(g), reinterpret_cast<int64_t*>(n_iter),
       reinterpret_cast<T*>(marginal_error), batch, n, m, max_iter, tol, scaling, relaxation,
-      num_threads);
+      reach, num_threads);
 }
 
 template <class T>
@@ -36,7 +36,7 @@ void def_sinkhorn(py::module_& module, const char* name) {
              py::arg("epsilon"), py::arg("epsilon_start"), py::arg("f"), py::arg("g"),
              py::arg("n_iter"), py::arg("marginal_error"), py::arg("batch"), py::arg("n"),
              py::arg("m"), py::arg("max_iter"), py::arg("tol"), py::arg("scaling"),
-             py::arg("relaxation"), py::arg("num_threads"),
+             py::arg("relaxation"), py::arg("reach"), py::arg("num_threads"),
              // The solve can take a while; other Python threads (data loading) go on meanwhile.
              py::call_guard<py::gil_scoped_release>(),
              "Batched log-domain Sinkhorn on contiguous CPU buffers (see csrc/sinkhorn_cpu.h).");

@@ -55,15 +55,19 @@ constexpr double kTrustedMass<double> = 1e-290;
 
 // Row sweep over rows [r0, r1) of cost ([.., m], row-major), given g:
 //   F_r = epsilon * (log a[r] - LSE_j((g_j - C_rj) / epsilon))  (exact log-domain update)
-//   f[r] = (1 - w) f[r] + w F_r                                 (w = relaxation; 1: plain)
+//   f[r] = (1 - w) f[r] + w F'_r   (w = relaxation, 1: plain; F' = F when balanced, else
+//                                   epsilon * (log a[r] - lambda LSE), lambda the damping)
 //   col_mass[j] += P_rj = exp((f_r + g_j - C_rj) / epsilon)     (the new plan's row)
-// Returns sum_r (P_r. 1 - a_r)^2 of the new plan, in double (0 up to rounding when w = 1).
+// Returns sum_r (P_r. 1 - a_r exp(-F_r / reach))^2 of the new plan (F_r = f_r - epsilon
+// log a_r), in double (0 up to
+// rounding when w = 1 and reach = inf, where the target is a_r itself).
 // `terms` is a scratch row of m entries that stays in L1 between the sweeps.
 template <class T>
 EOTFAST_HD double row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r1, const T* g,
-                                 const T* a, T epsilon, T relaxation, T* f, T* col_mass,
-                                 T* terms) {
+                                 const T* a, T epsilon, T relaxation, T reach, T* f,
+                                 T* col_mass, T* terms) {
   const T inv_epsilon = T(1) / epsilon;
+  const T damping = unbalanced_damping(epsilon, reach);
   double row_squared_error = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = cost + r * m;
@@ -86,15 +90,19 @@ EOTFAST_HD double row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r
       terms[j] = exp_nonpositive((g[j] - row[j] - vmax) * inv_epsilon);
       sum += terms[j];
     }
-    const T update = potential_update(std::log(a[r]), vmax * inv_epsilon + std::log(sum), epsilon);
-    // P_rj = terms_j * a_r / sum at f = update; the relaxed f scales the row by
-    // exp((f - update) / epsilon), which is 1 when w = 1.
+    const T lse = vmax * inv_epsilon + std::log(sum);
+    const T update = potential_update(std::log(a[r]), lse, epsilon);
+    const T damped = damping == T(1) ? update : potential_update(std::log(a[r]), damping * lse, epsilon);
+    // P_rj = terms_j * a_r / sum at f = update; the relaxed or damped f scales the row by
+    // exp((f - update) / epsilon), which is 1 when w = 1 and reach = inf.
     // Plain where w = 1 or a potential is -inf (a point of zero mass: 0 * -inf is NaN).
-    const bool plain = relaxation == T(1) || !std::isfinite(update) || !std::isfinite(f[r]);
-    const T relaxed = plain ? update : (T(1) - relaxation) * f[r] + relaxation * update;
-    const T row_mass = plain ? a[r] : a[r] * std::exp((relaxed - update) * inv_epsilon);
+    const bool plain = relaxation == T(1) || !std::isfinite(damped) || !std::isfinite(f[r]);
+    const T relaxed = plain ? damped : (T(1) - relaxation) * f[r] + relaxation * damped;
+    const T row_mass =
+        relaxed == update ? a[r] : a[r] * std::exp((relaxed - update) * inv_epsilon);
     f[r] = relaxed;
-    const double row_violation = static_cast<double>(row_mass) - a[r];
+    const double row_violation =
+        static_cast<double>(row_mass) - unbalanced_target(a[r], relaxed, epsilon, reach);
     row_squared_error += row_violation * row_violation;
     const T row_scale = row_mass / sum;
 #pragma omp simd
@@ -105,28 +113,28 @@ EOTFAST_HD double row_sweep_impl(const T* cost, int64_t m, int64_t r0, int64_t r
 
 EOTFAST_MULTIVERSION double row_sweep_f32(const float* cost, int64_t m, int64_t r0, int64_t r1,
                                           const float* g, const float* a, float epsilon,
-                                          float relaxation, float* f, float* col_mass,
-                                          float* terms) {
-  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
+                                          float relaxation, float reach, float* f,
+                                          float* col_mass, float* terms) {
+  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, reach, f, col_mass, terms);
 }
 
 EOTFAST_MULTIVERSION double row_sweep_f64(const double* cost, int64_t m, int64_t r0,
                                           int64_t r1, const double* g, const double* a,
-                                          double epsilon, double relaxation, double* f,
-                                          double* col_mass, double* terms) {
-  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
+                                          double epsilon, double relaxation, double reach,
+                                          double* f, double* col_mass, double* terms) {
+  return row_sweep_impl(cost, m, r0, r1, g, a, epsilon, relaxation, reach, f, col_mass, terms);
 }
 
 inline double row_sweep(const float* cost, int64_t m, int64_t r0, int64_t r1, const float* g,
-                        const float* a, float epsilon, float relaxation, float* f,
+                        const float* a, float epsilon, float relaxation, float reach, float* f,
                         float* col_mass, float* terms) {
-  return row_sweep_f32(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
+  return row_sweep_f32(cost, m, r0, r1, g, a, epsilon, relaxation, reach, f, col_mass, terms);
 }
 
 inline double row_sweep(const double* cost, int64_t m, int64_t r0, int64_t r1, const double* g,
-                        const double* a, double epsilon, double relaxation, double* f,
-                        double* col_mass, double* terms) {
-  return row_sweep_f64(cost, m, r0, r1, g, a, epsilon, relaxation, f, col_mass, terms);
+                        const double* a, double epsilon, double relaxation, double reach,
+                        double* f, double* col_mass, double* terms) {
+  return row_sweep_f64(cost, m, r0, r1, g, a, epsilon, relaxation, reach, f, col_mass, terms);
 }
 
 // lse[j] = LSE_i((f_i - C_ij) / epsilon) for columns [j0, j1), streaming whole rows so the
@@ -210,14 +218,17 @@ struct Workspace {
 // the other order: f = F(g) by the row sweep, the error of (f, g), then g = G(f).
 template <class T>
 void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, double tol,
-                   double scaling, double relaxation, Workspace<T>& ws, SpinBarrier& barrier, double* partial_squared_error,
-                   int rank, int team_size) {
+                   double scaling, double relaxation, double reach_double, Workspace<T>& ws,
+                   SpinBarrier& barrier, double* partial_squared_error, int rank,
+                   int team_size) {
   const auto [i0, i1] = split_range(n, rank, team_size);
   const auto [j0, j1] = split_range(m, rank, team_size);
   T* my_col_mass = ws.col_mass.data() + rank * m;
   T* my_terms = ws.terms.data() + rank * m;
   T* g = p.g;
   T* g_new = ws.g_next.data();
+  const T reach = static_cast<T>(reach_double);
+  const bool balanced = std::isinf(reach);
 
   // Epsilon scaling: iteration iter (from 1) runs at max(epsilon, epsilon_start *
   // scaling^(iter - 1)), the same value in every member of the team.
@@ -246,7 +257,8 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
   std::fill(p.f + i0, p.f + i1, T(0));
   barrier.wait();
   column_logsumexp(p.cost, n, m, j0, j1, p.f, epsilon, g, ws.col_max.data());
-  for (int64_t j = j0; j < j1; ++j) g[j] = potential_update(std::log(p.b[j]), g[j], epsilon);
+  for (int64_t j = j0; j < j1; ++j)
+    g[j] = potential_update(std::log(p.b[j]), unbalanced_damping(epsilon, reach) * g[j], epsilon);
   barrier.wait();
 
   for (int64_t iter = 1;; ++iter) {
@@ -255,24 +267,30 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
     // While annealing, g absorbs f_0 (f + c, g - c is the same plan): f stays near 0 as it
     // does from POT's start. Without it the annealed f ended near the costs' size (2460 on
     // image costs, d = 3072), g's incremental float32 update froze and the error stalled at
-    // 2.6e-4 at epsilon = 1e-3 std(cost), where the plain iteration reaches 1e-4.
-    const bool regauge = !(epsilon <= p.epsilon);
+    // 2.6e-4 at epsilon = 1e-3 std(cost), where the plain iteration reaches 1e-4. Unbalanced
+    // problems have no such gauge freedom (the damped updates are not shift-equivariant).
+    const bool regauge = balanced && !(epsilon <= p.epsilon);
+    const T damping = unbalanced_damping(epsilon, reach);
     double squared_error =
-        row_sweep(p.cost, m, i0, i1, g, p.a, epsilon, w, p.f, my_col_mass, my_terms);
+        row_sweep(p.cost, m, i0, i1, g, p.a, epsilon, w, reach, p.f, my_col_mass, my_terms);
     barrier.wait();
 
     for (int64_t j = j0; j < j1; ++j) {
       T mass = 0;
       for (int r = 0; r < team_size; ++r) mass += ws.col_mass[r * m + j];
-      const double diff = static_cast<double>(mass) - p.b[j];
+      const double diff =
+          static_cast<double>(mass) - unbalanced_target(p.b[j], g[j], epsilon, reach);
       squared_error += diff * diff;
       if (p.b[j] == T(0)) {
         g_new[j] = -std::numeric_limits<T>::infinity();
       } else if (mass >= kTrustedMass<T>) {
-        g_new[j] = potential_update_from_mass(g[j], std::log(p.b[j]), mass, epsilon);
+        g_new[j] = damping == T(1)
+                       ? potential_update_from_mass(g[j], std::log(p.b[j]), mass, epsilon)
+                       : potential_update(std::log(p.b[j]),
+                                          damping * (std::log(mass) - g[j] / epsilon), epsilon);
       } else {
         column_logsumexp(p.cost, n, m, j, j + 1, p.f, epsilon, g_new, ws.col_max.data());
-        g_new[j] = potential_update(std::log(p.b[j]), g_new[j], epsilon);
+        g_new[j] = potential_update(std::log(p.b[j]), damping * g_new[j], epsilon);
       }
       if (w != T(1) && std::isfinite(g_new[j]) && std::isfinite(g[j]))
         g_new[j] = (T(1) - w) * g[j] + w * g_new[j];
@@ -329,7 +347,7 @@ void run_team(int team_size, F&& body) {
 void check_args(const void* cost, const void* a, const void* b, const void* epsilon,
                 const void* epsilon_start, const void* f, const void* g, const void* n_iter,
                 const void* marginal_error, int64_t batch, int64_t n, int64_t m,
-                int64_t max_iter, double tol, double scaling, double relaxation) {
+                int64_t max_iter, double tol, double scaling, double relaxation, double reach) {
   if (!cost || !a || !b || !epsilon || !epsilon_start || !f || !g || !n_iter ||
       !marginal_error)
     throw std::invalid_argument("sinkhorn_cpu: null data pointer");
@@ -348,6 +366,9 @@ void check_args(const void* cost, const void* a, const void* b, const void* epsi
   if (!(relaxation >= 1.0 && relaxation < 2.0))
     throw std::invalid_argument("sinkhorn_cpu: relaxation must be in [1, 2), got " +
                                 std::to_string(relaxation));
+  if (!(reach > 0.0))
+    throw std::invalid_argument("sinkhorn_cpu: reach must be > 0 (inf: balanced), got " +
+                                std::to_string(reach));
 }
 
 }  // namespace
@@ -356,9 +377,9 @@ template <class T>
 void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* epsilon_start,
               T* f, T* g, int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n,
               int64_t m, int64_t max_iter, double tol, double scaling, double relaxation,
-              int num_threads) {
+              double reach, int num_threads) {
   check_args(cost, a, b, epsilon, epsilon_start, f, g, n_iter, marginal_error, batch, n, m,
-             max_iter, tol, scaling, relaxation);
+             max_iter, tol, scaling, relaxation, reach);
   auto problem = [&](int64_t k) {
     return Problem<T>{cost + k * n * m, a + k * n,  b + k * m,  epsilon[k], epsilon_start[k],
                       f + k * n,        g + k * m,  n_iter + k, marginal_error + k};
@@ -377,7 +398,8 @@ void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* 
       SpinBarrier alone(1);
       double squared_error = 0.0;
       for (int64_t k; (k = next_problem.fetch_add(1)) < batch;)
-        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, workspaces[rank],
+        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, reach,
+                      workspaces[rank],
                       alone, &squared_error, 0, 1);
     });
   } else {
@@ -388,7 +410,8 @@ void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* 
     std::vector<double> partial_squared_error(threads, 0.0);
     run_team(static_cast<int>(threads), [&](int rank) {
       for (int64_t k = 0; k < batch; ++k)
-        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, workspace, barrier,
+        solve_problem(problem(k), n, m, max_iter, tol, scaling, relaxation, reach, workspace,
+                      barrier,
                       partial_squared_error.data(), rank, static_cast<int>(threads));
     });
   }
@@ -396,9 +419,9 @@ void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* 
 
 template void sinkhorn<float>(const float*, const float*, const float*, const float*,
                               const float*, float*, float*, int64_t*, float*, int64_t, int64_t,
-                              int64_t, int64_t, double, double, double, int);
+                              int64_t, int64_t, double, double, double, double, int);
 template void sinkhorn<double>(const double*, const double*, const double*, const double*,
                                const double*, double*, double*, int64_t*, double*, int64_t,
-                               int64_t, int64_t, int64_t, double, double, double, int);
+                               int64_t, int64_t, int64_t, double, double, double, double, int);
 
 }  // namespace eotfast::cpu

@@ -14,10 +14,15 @@ namespace eotfast::cpu {
 //                          max(epsilon, epsilon_start * scaling^(k - 1)); = epsilon: plain
 // relaxation      over-relaxation w in [1, 2) of every update at the target epsilon:
 //                  f <- (1 - w) f + w F(g), g <- (1 - w) g + w G(f); 1: plain Sinkhorn
+// reach           rho > 0 of unbalanced OT (KL(P 1 | a) and KL(P^T 1 | b) penalized by rho
+//                  instead of enforced): every update damped, f <- rho / (rho + epsilon) F(g);
+//                  inf: balanced (a and b then of equal mass)
 // f, g            [batch, n], [batch, m]  out: dual potentials in cost units
 // n_iter          [batch]  out: iterations done (one g update + one f update each)
-// marginal_error  [batch]  out: sqrt(||P 1 - a||^2 + ||P^T 1 - b||^2) of the returned plan
-//                          (its rows are exact up to rounding without over-relaxation)
+// marginal_error  [batch]  out: sqrt(||P 1 - a e^(-f / rho)||^2 + ||P^T 1 - b e^(-g / rho)||^2)
+//                          of the returned plan, the distance to the fixed point's marginals
+//                          (a and b when balanced; the rows exact up to rounding without
+//                          over-relaxation)
 //
 // Each problem stops on its own once its marginal error is below `tol` (checked every
 // iteration at no extra cost: the column masses it needs are summed during the f update's
@@ -30,6 +35,6 @@ template <class T>
 void sinkhorn(const T* cost, const T* a, const T* b, const T* epsilon, const T* epsilon_start,
               T* f, T* g, int64_t* n_iter, T* marginal_error, int64_t batch, int64_t n,
               int64_t m, int64_t max_iter, double tol, double scaling, double relaxation,
-              int num_threads);
+              double reach, int num_threads);
 
 }  // namespace eotfast::cpu

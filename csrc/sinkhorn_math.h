@@ -107,4 +107,25 @@ EOTFAST_HD T potential_update_from_mass(T potential, T log_marginal, T mass, T e
   return potential + epsilon * (log_marginal - std::log(mass));
 }
 
+// Unbalanced OT (Chizat, Peyré, Schmitzer & Vialard, 2018; Séjourné et al., 2019): with the
+// marginal constraints replaced by rho KL(P 1 | a) + rho KL(P^T 1 | b) and the entropy taken
+// relative to a (x) b (POT's reg_type="kl", GeomLoss), the update becomes
+// epsilon * (log a - lambda LSE), lambda = rho / (rho + epsilon): potential_update with the
+// log-sum-exp damped. Written as 1 / (1 + epsilon / rho) so that rho = inf (balanced) gives
+// exactly 1.
+template <class T>
+EOTFAST_HD T unbalanced_damping(T epsilon, T reach) {
+  return T(1) / (T(1) + epsilon / reach);
+}
+
+// The mass a row (or column) of the plan has at the fixed point, given its potential f:
+// P 1 = a e^(-F / rho) with F = f - epsilon log a, which is a itself when rho = inf (e^(-0) = 1
+// exactly) and 0 where the marginal is 0 (whose potential is -inf).
+template <class T>
+EOTFAST_HD double unbalanced_target(T marginal, T potential, T epsilon, T reach) {
+  if (marginal == T(0)) return 0.0;
+  const double relative = static_cast<double>(potential) - epsilon * std::log(double(marginal));
+  return static_cast<double>(marginal) * std::exp(-relative / reach);
+}
+
 }  // namespace eotfast

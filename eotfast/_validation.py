@@ -149,8 +149,11 @@ def check_finite_values(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad}; every entry must be finite")
 
 
-def check_marginal_values(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-5) -> None:
-    """Nonnegative, finite marginals with positive and equal total mass per problem."""
+def check_marginal_values(
+    a: torch.Tensor, b: torch.Tensor, *, equal_mass: bool = True, rtol: float = 1e-5
+) -> None:
+    """Nonnegative, finite marginals with positive total mass per problem, equal in a and b
+    with ``equal_mass`` (balanced OT)."""
     for name, marginal in (("a", a), ("b", b)):
         check_finite_values(name, marginal)
         if values_checkable(marginal):
@@ -158,7 +161,7 @@ def check_marginal_values(a: torch.Tensor, b: torch.Tensor, *, rtol: float = 1e-
                 raise ValueError(f"{name} must be nonnegative")
             if bool((marginal.sum(-1) <= 0).any()):
                 raise ValueError(f"{name} must have positive total mass")
-    if values_checkable(a) and values_checkable(b):
+    if equal_mass and values_checkable(a) and values_checkable(b):
         mass_a = a.sum(-1, dtype=torch.float64)
         mass_b = b.sum(-1, dtype=torch.float64)
         if not bool(torch.isclose(mass_a, mass_b, rtol=rtol, atol=0).all()):

@@ -21,6 +21,7 @@ def sinkhorn(
     tol: float = 1e-4,
     scaling: float | None = 0.5,
     relaxation: float | None = None,
+    reach: float | None = None,
     backend: str = "auto",
 ) -> SinkhornResult:
     r"""Entropic optimal transport by log-domain Sinkhorn iterations.
@@ -68,6 +69,16 @@ def sinkhorn(
         point; 1 is the plain iteration; the marginal error then measures rows and columns.
         None: 1.9 with epsilon scaling, 1 without it (from f = 0 at the target epsilon,
         w >= 1.8 diverged to NaN on uniform-noise costs; after the annealing it did not).
+    reach : float or None
+        Unbalanced OT: rho > 0 in cost units (POT's ``reg_m``; GeomLoss's ``reach**p``). The
+        marginal constraints become penalties, and the problem solved is
+        min_P <P, C> + epsilon sum P (log P - 1) + rho KL(P 1 | a) + rho KL(P^T 1 | b),
+        KL(p | q) = sum p log(p / q) - p + q (Chizat, Peyré, Schmitzer & Vialard, 2018): each
+        update is the balanced one times rho / (rho + epsilon), a and b may differ in mass, and
+        ``marginal_error`` measures the plan's marginals against the fixed point's, a e^(-f/rho)
+        and b e^(-g/rho). The cost is not shifted then (offset 0). None: balanced. Backends
+        "cpu" and "torch" ("auto" picks among them); the GPU kernels solve balanced problems
+        only and refuse it.
     backend : {"auto", "torch", "cpu", "triton", "cuda"}
         "cpu": the C++ kernels; "triton": the Triton kernels (CUDA tensors; CPU tensors only
         under ``TRITON_INTERPRET=1``); "cuda": the CUDA kernels of csrc/cuda (CUDA tensors);
@@ -84,7 +95,7 @@ def sinkhorn(
         one through ``cost``, with the potentials held fixed).
     """
     result, _, offset = sinkhorn_on_shifted_cost(
-        cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation
+        cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation, reach
     )
     # The solver worked on cost - min(cost); g takes the offset back. In float32 that sum
     # would round it away (at 1e5 a float32 step is 0.008; plan(cost) then missed the

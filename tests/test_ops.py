@@ -1,6 +1,8 @@
 """Every registered op passes torch.library.opcheck (schema, fake implementation, dispatch),
 from one set of sample inputs; an op registered without one fails here."""
 
+import math
+
 import pytest
 import torch
 from oracles import backend_device
@@ -16,8 +18,8 @@ def sample_inputs(device: torch.device) -> dict[str, tuple]:
     b = torch.full((2, 7), 1 / 7, device=device)
     epsilon = torch.full((2,), 0.1, device=device)
     x, y = torch.randn(2, 9, 8, device=device), torch.randn(2, 7, 8, device=device)
-    # Epsilon scaling from 4 epsilon down, over-relaxed at the target.
-    sinkhorn = (cost, a, b, epsilon, 50, 1e-6, 4 * epsilon, 0.5, 1.5)
+    # Epsilon scaling from 4 epsilon down, over-relaxed at the target; balanced (reach inf).
+    sinkhorn = (cost, a, b, epsilon, 50, 1e-6, 4 * epsilon, 0.5, 1.5, math.inf)
     # cost^T [2, 7, 9]: the auction needs n <= m.
     auction = (
         cost.mT.contiguous(),
@@ -85,6 +87,30 @@ def test_opcheck(op):
 SINKHORN_OPS = [op for op in OP_BACKEND if op.startswith("sinkhorn_")]
 
 
+@pytest.mark.parametrize("op", ["sinkhorn_torch", "sinkhorn_cpu"])
+def test_opcheck_unbalanced(op):
+    # The ops that solve unbalanced problems, with a finite reach and marginals of unequal mass.
+    device = backend_device(OP_BACKEND[op])
+    if OP_BACKEND[op] not in eotfast.available_backends(device):
+        pytest.skip(f"backend {OP_BACKEND[op]} cannot run here")
+    cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, _ = sample_inputs(
+        device
+    )[op]
+    args = (cost, a, 2 * b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, 0.3)
+    torch.library.opcheck(getattr(torch.ops.eotfast, op).default, args)
+
+
+@pytest.mark.parametrize("op", ["sinkhorn_triton", "sinkhorn_cuda"])
+def test_gpu_sinkhorn_ops_refuse_a_finite_reach(op):
+    backend = OP_BACKEND[op]
+    device = backend_device(backend)
+    if backend not in eotfast.available_backends(device):
+        pytest.skip(f"backend {backend} cannot run here")
+    args = (*sample_inputs(device)[op][:-1], 0.3)
+    with pytest.raises(ValueError, match=f"{op}: reach=0.3 .unbalanced OT. is not implemented"):
+        getattr(torch.ops.eotfast, op).default(*args)
+
+
 @pytest.mark.parametrize("op", SINKHORN_OPS)
 @pytest.mark.parametrize(
     "argument,bad,match",
@@ -98,6 +124,7 @@ SINKHORN_OPS = [op for op in OP_BACKEND if op.startswith("sinkhorn_")]
         ("epsilon_start", lambda t: t.double(), "epsilon_start must have cost's dtype"),
         ("scaling", lambda value: 1.0, r"scaling must be a number in \(0, 1\)"),
         ("relaxation", lambda value: 2.0, r"relaxation must be a number in \[1, 2\)"),
+        ("reach", lambda value: 0.0, r"reach must be a number > 0 \(inf: balanced\)"),
     ],
 )
 def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument, bad, match):
@@ -110,7 +137,8 @@ def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument,
     if backend not in eotfast.available_backends(device):
         pytest.skip(f"backend {backend} cannot run here")
     names = (
-        "cost", "a", "b", "epsilon", "max_iter", "tol", "epsilon_start", "scaling", "relaxation"
+        "cost", "a", "b", "epsilon", "max_iter", "tol", "epsilon_start", "scaling", "relaxation",
+        "reach",
     )  # fmt: skip
     args = dict(zip(names, sample_inputs(device)[op], strict=True))
     args[argument] = bad(args[argument])

@@ -224,3 +224,65 @@ def test_marginal_error_of_huge_and_tiny_masses_is_measured_not_inf_or_zero(
     # float32 potentials near log(1e30) ~ 69 carry ~1e-6 relative rounding into the plan.
     rtol = 1e-6 if solve_dtype(backend, dtype) == torch.float64 else 5e-2
     assert float(result.marginal_error) == pytest.approx(expected, rel=rtol)
+
+
+# ----------------------------------------------------------------------------- unbalanced
+def pot_sinkhorn_unbalanced(cost, a, b, epsilon, reach):
+    """POT's unbalanced Sinkhorn in float64, run far past any tolerance: the plan of
+    min <P, C> + eps KL(P | a b^T) + rho KL(P 1 | a) + rho KL(P^T 1 | b) (reg_type="kl")."""
+    return ot.unbalanced.sinkhorn_unbalanced(
+        a.double().numpy(), b.double().numpy(), cost.double().numpy(), epsilon, reach,
+        reg_type="kl", stopThr=1e-15, numItermax=100_000,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reach", [0.05, 1.0])
+def test_unbalanced_plan_matches_pot(backend, device, random_problem, dtype, reach):
+    # Three problems of unequal mass (a sums to 1, b to 1.7), each stopping on its own.
+    cost, a, b = random_problem((3,), 24, 17, dtype=dtype, uniform=False)
+    b = 1.7 * b
+    epsilon = 0.05
+    arguments = dict(reg=epsilon, relative_reg=False, reach=reach, backend=backend)
+    if backend in ("triton", "cuda"):
+        with pytest.raises(ValueError, match="reach .unbalanced OT. is not implemented"):
+            eotfast.sinkhorn(cost.to(device), a.to(device), b.to(device), **arguments)
+        return
+    tol = 1e-10 if dtype == torch.float64 else 1e-6
+    result = eotfast.sinkhorn(cost, a, b, tol=tol, max_iter=20_000, **arguments)
+    assert (result.marginal_error < tol).all(), result.marginal_error
+    plans = result.plan(cost.double()).double()  # [3, n, m]
+    for k in range(3):
+        expected = pot_sinkhorn_unbalanced(cost[k], a[k], b[k], epsilon, reach)
+        atol = 1e-10 if dtype == torch.float64 else 1e-5
+        np.testing.assert_allclose(plans[k].numpy(), expected, atol=atol * expected.max())
+        # The reported error is the distance of the plan's marginals to the fixed point's,
+        # a e^(-F / rho) and b e^(-G / rho), F = f - epsilon log a, measured independently.
+        a_k, b_k = a[k].double(), b[k].double()
+        rows = plans[k].sum(1) - a_k * torch.exp(-(result.f[k] - epsilon * a_k.log()) / reach)
+        columns = plans[k].sum(0) - b_k * torch.exp(-(result.g[k] - epsilon * b_k.log()) / reach)
+        measured = torch.cat([rows, columns]).norm()
+        assert float(measured) < tol + (1e-9 if dtype == torch.float64 else 2e-6)
+    # Unbalanced: mass is created or destroyed where moving it costs more than rho allows.
+    assert not torch.allclose(plans.sum((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-3)
+
+
+def test_a_large_reach_is_balanced(random_problem):
+    cost, a, b = random_problem((), 20, 15, uniform=False)
+    balanced = eotfast.sinkhorn(cost, a, b, reg=0.1, relative_reg=False, tol=1e-10)
+    loose = eotfast.sinkhorn(cost, a, b, reg=0.1, relative_reg=False, tol=1e-10, reach=1e9)
+    np.testing.assert_allclose(loose.plan(cost), balanced.plan(cost), atol=1e-7)
+
+
+@pytest.mark.parametrize("reach", [0, -1.0, "1", True, float("nan")])
+def test_reach_must_be_positive(random_problem, reach):
+    cost, a, b = random_problem((), 5, 4)
+    with pytest.raises(ValueError, match="reach must be None .balanced OT. or a number > 0"):
+        eotfast.sinkhorn(cost, reach=reach)
+
+
+def test_balanced_marginals_must_share_their_mass_but_unbalanced_ones_need_not(random_problem):
+    cost, a, b = random_problem((), 5, 4, uniform=False)
+    with pytest.raises(ValueError, match="a and b must have the same total mass"):
+        eotfast.sinkhorn(cost, a, 2 * b)
+    assert torch.isfinite(eotfast.sinkhorn(cost, a, 2 * b, reach=1.0).f).all()

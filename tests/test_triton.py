@@ -104,7 +104,7 @@ def test_triton_ops_reject_dtypes_they_do_not_take_eager_and_fake(op, args, name
             values[name] = values[name].to(dtype)
         if op == "sinkhorn_triton":
             return (values["cost"], values["a"], values["b"], values["epsilon"], 5, 0.0,
-                    values["epsilon_start"], 0.5, 1.9)  # fmt: skip
+                    values["epsilon_start"], 0.5, 1.9, float("inf"))  # fmt: skip
         if op == "draw_partners_triton":
             return (values["cost"], values["g"], values["epsilon"], values["seed"], True)
         return (values["x"], values["x"].new_empty(2, 6, 8).normal_())

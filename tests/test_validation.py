@@ -114,8 +114,10 @@ def test_extension_checks_sizes_itself():
     from eotfast.ops.extensions import require_cpu_extension
 
     extension = require_cpu_extension()
-    t = torch.zeros(4)
+    t, inf = torch.zeros(4), float("inf")
     with pytest.raises(ValueError, match="batch, n and m must be >= 1"):
-        extension.sinkhorn_float32(*(t.data_ptr(),) * 9, 1, 0, 2, 10, 0.0, 0.5, 1.0, 1)
+        extension.sinkhorn_float32(*(t.data_ptr(),) * 9, 1, 0, 2, 10, 0.0, 0.5, 1.0, inf, 1)
     with pytest.raises(ValueError, match="null data pointer"):
-        extension.sinkhorn_float32(0, *(t.data_ptr(),) * 8, 1, 2, 2, 10, 0.0, 0.5, 1.0, 1)
+        extension.sinkhorn_float32(0, *(t.data_ptr(),) * 8, 1, 2, 2, 10, 0.0, 0.5, 1.0, inf, 1)
+    with pytest.raises(ValueError, match="reach must be > 0"):
+        extension.sinkhorn_float32(*(t.data_ptr(),) * 9, 1, 2, 2, 10, 0.0, 0.5, 1.0, 0.0, 1)

@@ -6,6 +6,7 @@ trip of the GPU kernels; and the schema, checks, fake and registration of the au
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "epsilon_from_reg",
     "register_auction_op",
     "register_sinkhorn_op",
+    "require_balanced",
     "require_dtype",
     "solve_in_float32",
 ]
@@ -85,7 +87,9 @@ def epsilon_from_reg(cost: torch.Tensor, reg: float, relative_reg: bool) -> torc
     return reg * torch.where(std > 0, std, torch.ones_like(std))
 
 
-def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def empty_sinkhorn_solution(
+    cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+):
     """Outputs of a Sinkhorn op on [B, n, m] problems, unfilled: f [B, n], g [B, m] and the
     error [B] in cost's dtype, n_iter [B] int64. The fake of every Sinkhorn op whose outputs
     follow cost's dtype, and the allocator of the C++ one."""
@@ -103,10 +107,12 @@ def empty_sinkhorn_solution(cost, a, b, epsilon, max_iter, tol, epsilon_start, s
 # marginal_error [B]. Epsilon scaling: iteration k runs at max(epsilon, epsilon_start *
 # scaling**k), and a problem may stop (error < tol) only once that is epsilon; epsilon_start =
 # epsilon turns it off. At the target epsilon each potential update is over-relaxed by
-# `relaxation` in [1, 2) (1: plain Sinkhorn).
+# `relaxation` in [1, 2) (1: plain Sinkhorn). `reach` is rho > 0 of unbalanced OT (every update
+# damped by rho / (rho + epsilon)); inf: balanced.
 SINKHORN_SCHEMA = (
     "(Tensor cost, Tensor a, Tensor b, Tensor epsilon, int max_iter, float tol,"
-    " Tensor epsilon_start, float scaling, float relaxation) -> (Tensor, Tensor, Tensor, Tensor)"
+    " Tensor epsilon_start, float scaling, float relaxation, float reach)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -126,7 +132,7 @@ def check_tensors_like_cost(op: str, cost: torch.Tensor, **tensors) -> None:
 
 
 def check_sinkhorn_arguments(
-    op: str, cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+    op: str, cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
 ) -> None:
     """Shapes, dtypes and devices of a Sinkhorn op's arguments: the ops are public
     (torch.ops.eotfast.sinkhorn_cpu, ...) and pass data pointers to kernels, which must never
@@ -149,6 +155,18 @@ def check_sinkhorn_arguments(
         raise ValueError(f"{op}: scaling must be a number in (0, 1), got {scaling}")
     if not 1 <= relaxation < 2:
         raise ValueError(f"{op}: relaxation must be a number in [1, 2), got {relaxation}")
+    if not reach > 0:
+        raise ValueError(f"{op}: reach must be a number > 0 (inf: balanced), got {reach}")
+
+
+def require_balanced(op: str, reach: float) -> None:
+    """The GPU Sinkhorn kernels solve balanced problems only (their damped update is not
+    written): an op that receives a finite reach says so instead of ignoring it."""
+    if not math.isinf(reach):
+        raise ValueError(
+            f"{op}: reach={reach:g} (unbalanced OT) is not implemented by this kernel; use "
+            "backend='torch' (any device) or 'cpu' (CPU tensors)"
+        )
 
 
 def require_dtype(op: str, dtypes: tuple[torch.dtype, ...], **tensors: torch.Tensor) -> None:
@@ -194,8 +212,11 @@ def with_sinkhorn_checks(op: str, function):
         epsilon_start: torch.Tensor,
         scaling: float,
         relaxation: float,
+        reach: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        arguments = (cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation)
+        arguments = (
+            cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+        )  # fmt: skip
         check_sinkhorn_arguments(op, *arguments)
         return function(*arguments)
 
@@ -206,8 +227,8 @@ def register_sinkhorn_op(
     backend: str, solve, fake=empty_sinkhorn_solution, *, device_types=None, triton=False
 ):
     """Registers ``solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
-    relaxation)`` as eotfast::sinkhorn_<backend> with the one schema and its fake, both behind
-    :func:`check_sinkhorn_arguments`: a ``triton_op`` for Triton launches (torch.compile then
+    relaxation, reach)`` as eotfast::sinkhorn_<backend> with the one schema and its fake, both
+    behind :func:`check_sinkhorn_arguments`: a ``triton_op`` for Triton launches (torch.compile then
     sees the kernel), else a ``custom_op`` (opaque to torch.compile: tracing would unroll up
     to max_iter iterations into the graph)."""
     checked = functools.partial(with_sinkhorn_checks, f"sinkhorn_{backend}")
@@ -313,11 +334,14 @@ def _register_op(name: str, schema: str, solve, fake, device_types, triton: bool
     return op
 
 
-def check_solver_values(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Finite cost, valid marginals: called inside the ops, so that compiled callers get the
-    same errors as eager ones (values are read only where that costs no device sync)."""
+def check_solver_values(
+    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reach: float = math.inf
+) -> None:
+    """Finite cost, valid marginals (of equal mass unless unbalanced, reach < inf): called
+    inside the ops, so that compiled callers get the same errors as eager ones (values are read
+    only where that costs no device sync)."""
     check_finite_values("cost", cost)
-    check_marginal_values(a, b)
+    check_marginal_values(a, b, equal_mass=math.isinf(reach))
 
 
 def broadcast_marginal(
@@ -347,9 +371,11 @@ def solve_in_float32(op):
     """A Sinkhorn solve through a float32-only op (the GPU kernels): inputs cast to contiguous
     float32, potentials and error returned in cost's dtype."""
 
-    def solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+    def solve(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
         inputs = [t.float().contiguous() for t in (cost, a, b, epsilon, epsilon_start)]
-        f, g, n_iter, error = op(*inputs[:4], max_iter, tol, inputs[4], scaling, relaxation)
+        f, g, n_iter, error = op(
+            *inputs[:4], max_iter, tol, inputs[4], scaling, relaxation, reach
+        )  # fmt: skip
         return f.to(cost.dtype), g.to(cost.dtype), n_iter, error.to(cost.dtype)
 
     return solve

@@ -19,15 +19,15 @@ from eotfast.ops.torch_backend import cost_matrix, draw_partners
 __all__ = ["auction_cpu", "cost_matrix", "draw_partners", "sinkhorn", "sinkhorn_cpu"]
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
     """csrc/sinkhorn_cpu.cpp on contiguous float32 or float64 [B, n, m] problems."""
     extension = require_cpu_extension()
-    check_solver_values(cost, a, b)
+    check_solver_values(cost, a, b, reach)
     cost, a, b, epsilon, epsilon_start = (
         t.contiguous() for t in (cost, a, b, epsilon, epsilon_start)
     )
     f, g, n_iter, error = empty_sinkhorn_solution(
-        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
     batch, n, m = cost.shape
     solve = {
@@ -37,7 +37,7 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxa
     solve(
         cost.data_ptr(), a.data_ptr(), b.data_ptr(), epsilon.data_ptr(), epsilon_start.data_ptr(),
         f.data_ptr(), g.data_ptr(), n_iter.data_ptr(), error.data_ptr(),
-        batch, n, m, max_iter, tol, scaling, relaxation, torch.get_num_threads(),
+        batch, n, m, max_iter, tol, scaling, relaxation, reach, torch.get_num_threads(),
     )  # fmt: skip
     return f, g, n_iter, error
 

@@ -15,6 +15,7 @@ from eotfast.ops.common import (
     check_point_batch_arguments,
     empty_sinkhorn_solution,
     register_sinkhorn_op,
+    require_balanced,
     require_dtype,
     solve_in_float32,
 )
@@ -63,10 +64,11 @@ def _(x, y):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
     """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
     iterations in one launch."""
     extension = require_cuda_extension()
+    require_balanced("sinkhorn_cuda", reach)
     require_dtype(
         "sinkhorn_cuda", (torch.float32,),
         cost=cost, a=a, b=b, epsilon=epsilon, epsilon_start=epsilon_start,
@@ -76,7 +78,7 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxa
     )
     batch, n, m = cost.shape
     f, g, n_iter, error = empty_sinkhorn_solution(
-        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
     g_next = torch.empty_like(g)
     with torch.cuda.device(cost.device):

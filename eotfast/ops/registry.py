@@ -75,6 +75,8 @@ class Backend:
     hint: Callable[[torch.device], str]  # why not, and what to use instead
     # device -> its auction op (eotfast.ops.common.AUCTION_SCHEMA), imported on first use
     auction: Callable[[torch.device], Callable]
+    # its Sinkhorn solves unbalanced problems (a finite reach); the GPU kernels do not
+    unbalanced: bool = False
 
 
 def _load_triton():
@@ -186,6 +188,7 @@ BACKENDS: dict[str, Backend] = {
             runs_on=lambda device: device.type == "cpu" and cpu_extension_available(),
             hint=_cpu_hint,
             auction=_cpu_auction,
+            unbalanced=True,
         ),
         Backend(
             name="torch",
@@ -196,6 +199,7 @@ BACKENDS: dict[str, Backend] = {
             runs_on=lambda device: True,
             hint=lambda device: "",
             auction=_torch_auction,
+            unbalanced=True,
         ),
     )
 }
@@ -206,20 +210,34 @@ def _rank(backend: Backend, device: torch.device) -> int | None:
     return backend.rank.get(device.type, backend.rank.get("*"))
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` in this process, fastest first."""
+def available_backends(
+    device: torch.device | str = "cpu", *, unbalanced: bool = False
+) -> list[str]:
+    """Backends that can run on `device` in this process, fastest first; with
+    ``unbalanced``, those whose Sinkhorn solves unbalanced problems (a finite ``reach``)."""
     device = torch.device(device)
-    runnable = [b for b in BACKENDS.values() if _rank(b, device) is not None and b.runs_on(device)]
+    runnable = [
+        b
+        for b in BACKENDS.values()
+        if _rank(b, device) is not None and b.runs_on(device) and (b.unbalanced or not unbalanced)
+    ]
     return [b.name for b in sorted(runnable, key=lambda b: _rank(b, device))]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turns 'auto' into the fastest backend for `device`; rejects names that cannot run there."""
+def resolve_backend(backend: str, device: torch.device, *, unbalanced: bool = False) -> str:
+    """Turns 'auto' into the fastest backend for `device` (among those that solve unbalanced
+    problems, with ``unbalanced``); rejects names that cannot run there."""
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
     if backend == "auto":
-        return available_backends(device)[0]
+        return available_backends(device, unbalanced=unbalanced)[0]
     record = BACKENDS[backend]
+    if unbalanced and not record.unbalanced:
+        raise ValueError(
+            f"reach (unbalanced OT) is not implemented by backend={backend!r}, whose GPU "
+            "kernels solve balanced problems only; use backend='torch' (any device), 'cpu' (CPU "
+            "tensors) or 'auto'"
+        )
     if _rank(record, device) is None or not record.runs_on(device):
         if backend == "cpu" and device.type == "cpu":
             require_cpu_extension()

@@ -3,6 +3,8 @@ batch flattening, and the dispatch through the registry (eotfast.ops.registry)."
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eotfast._validation import (
@@ -14,7 +16,7 @@ from eotfast._validation import (
 from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
 from eotfast.ops.registry import backend_ops, resolve_backend
 
-__all__ = ["cost_matrix", "draw_partners", "sinkhorn_on_shifted_cost"]
+__all__ = ["cost_matrix", "draw_partners", "sinkhorn_on_shifted_cost", "solve_sinkhorn"]
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
@@ -43,38 +45,68 @@ DEFAULT_RELAXATION = 1.9
 
 
 def sinkhorn_on_shifted_cost(
-    cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation
+    cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation, reach=None
 ):
-    """Solves on cost - min(cost) per problem; returns (result for the shifted cost, shifted
-    cost, offset). The shift leaves the plan and f unchanged and lowers g by the offset
-    (iterate by iterate, so POT's sequence is kept). It matters in float32: image costs sit
-    around 2000, where a float32 step is 1.2e-4, so potentials of that size hold the marginal
-    error above ~1e-4 at epsilon = 1e-3 * std; shifted, the potentials are ~20x smaller and the
-    error goes below 1e-5 (measured, d = 3072, n = 64)."""
+    """The public Sinkhorn's arguments checked, epsilon from ``reg``, then
+    :func:`solve_sinkhorn`: returns (result for the shifted cost, shifted cost, offset)."""
     check_tensor("cost", cost, min_dim=2)
     reg, relaxation = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
+    reach = check_reach(reach)
     # The solvers are not differentiable (no autograd formula is registered): work on detached
     # inputs, so the outputs say so instead of failing in backward.
     cost = cost.detach()
     if cost.dtype not in SOLVER_DTYPES:
         cost = cost.float()
-    backend = resolve_backend(backend, cost.device)
+    backend = resolve_backend(backend, cost.device, unbalanced=not math.isinf(reach))
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
     a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
     b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
     epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
     check_epsilon_range(epsilon, reg, relative_reg)
-    offset = cost.amin(dim=(-2, -1))  # [...]
-    shifted_cost = cost - offset[..., None, None]  # [..., n, m]
-    # Epsilon scaling starts at the cost's range (its largest entry once shifted), where the
-    # plan is nearly the independent coupling and the first iterations settle at once.
+    return solve_sinkhorn(
+        cost, a, b, epsilon, backend=backend, max_iter=max_iter, tol=tol, scaling=scaling,
+        relaxation=relaxation, reach=reach,
+    )  # fmt: skip
+
+
+def solve_sinkhorn(
+    cost, a, b, epsilon, *, backend, max_iter, tol, scaling, relaxation, reach,
+    overwrite_cost=False,
+):  # fmt: skip
+    """The resolved backend's Sinkhorn op on checked inputs: cost [..., n, m] (a solver dtype),
+    a [B, n], b [B, m] (B = the batch's size), epsilon [...]; returns (result for the shifted
+    cost, shifted cost, offset [...]). ``overwrite_cost``: the shifted cost is written over
+    ``cost`` (a caller's own buffer; saves a copy of it).
+
+    A balanced problem is solved on cost - min(cost): the shift leaves the plan and f unchanged
+    and lowers g by the offset (iterate by iterate, so POT's sequence is kept). It matters in
+    float32: image costs sit around 2000, where a float32 step is 1.2e-4, so potentials of that
+    size hold the marginal error above ~1e-4 at epsilon = 1e-3 * std; shifted, the potentials
+    are ~20x smaller and the error goes below 1e-5 (measured, d = 3072, n = 64). An unbalanced
+    one (finite reach) is not shifted: its plan's mass depends on the costs' level (offset 0).
+    """
+    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
+    low = cost.amin(dim=(-2, -1))  # [...]
+    if math.isinf(reach):
+        offset = low
+        if overwrite_cost:
+            shifted_cost = cost.sub_(offset[..., None, None])  # [..., n, m]
+        else:
+            shifted_cost = cost - offset[..., None, None]
+        spread = shifted_cost.amax(dim=(-2, -1))
+    else:
+        offset = torch.zeros_like(low)
+        shifted_cost = cost
+        spread = cost.amax(dim=(-2, -1)) - low
+    # Epsilon scaling starts at the cost's range, where the plan is nearly the independent
+    # coupling and the first iterations settle at once.
     if scaling is None:
         epsilon_start, scaling = epsilon, 0.5  # the plain iteration (scaling then unused)
     else:
-        epsilon_start = torch.maximum(shifted_cost.amax(dim=(-2, -1)), epsilon)
+        epsilon_start = torch.maximum(spread, epsilon)
     f, g, n_iter, error = backend_ops(backend).sinkhorn(
         shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol),
-        epsilon_start.reshape(-1), float(scaling), float(relaxation),
+        epsilon_start.reshape(-1), float(scaling), float(relaxation), float(reach),
     )  # fmt: skip
     result = SinkhornResult(
         f=f.reshape(*batch_shape, n),
@@ -84,6 +116,19 @@ def sinkhorn_on_shifted_cost(
         marginal_error=error.reshape(batch_shape),
     )
     return result, shifted_cost, offset
+
+
+def check_reach(reach) -> float:
+    """None (balanced) or rho > 0 of unbalanced OT, in cost units; returned as a float, inf
+    for balanced."""
+    if reach is None:
+        return math.inf
+    if isinstance(reach, bool) or not isinstance(reach, (int, float)) or not reach > 0:
+        raise ValueError(
+            f"reach must be None (balanced OT) or a number > 0 (rho of unbalanced OT, in cost "
+            f"units), got {reach!r}"
+        )
+    return float(reach)
 
 
 def check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation) -> tuple[float, float]:

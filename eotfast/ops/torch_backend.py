@@ -3,6 +3,8 @@ other backends' tests and the fallback where no kernel runs."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eotfast._validation import check_finite_values
@@ -53,7 +55,7 @@ SLOW_RATE = 0.8
 
 def sinkhorn_reference(
     cost, a, b, epsilon, max_iter: int, tol: float, epsilon_start=None, scaling: float = 0.5,
-    relaxation: float = 1.0,
+    relaxation: float = 1.0, reach: float = math.inf,
 ):  # fmt: skip
     """Pure-PyTorch log-domain Sinkhorn on [B, n, m] problems: the oracle of the other backends.
 
@@ -80,6 +82,13 @@ def sinkhorn_reference(
     reaches 1e-4): a problem whose error has not decreased over the last STALL_CHECK_ROUNDS
     iterations at the target goes on with the plain iteration; and a problem that converges
     fast without it never starts (PROBE_ROUNDS, SLOW_RATE).
+
+    Unbalanced OT (``reach`` = rho < inf; Chizat, Peyré, Schmitzer & Vialard, 2018): the
+    marginal constraints become penalties rho KL(P 1 | a) + rho KL(P^T 1 | b) and the entropy is
+    taken relative to a (x) b; each update is f = epsilon (log a - lambda LSE_j(...)), the
+    log-sum-exp damped by lambda = rho / (rho + epsilon_k). Its fixed point has P 1 = a e^(-F/rho)
+    and P^T 1 = b e^(-G/rho), F = f - epsilon log a, G = g - epsilon log b, so the error
+    measures the plan's marginals against those (a and b when balanced: e^(-0) = 1).
     """
     if epsilon_start is None:
         epsilon_start = epsilon
@@ -100,15 +109,19 @@ def sinkhorn_reference(
         eps_next = torch.maximum(epsilon, epsilon_start * scaling ** (k + 1))
         relaxed = (eps[:, 0] <= epsilon) & relaxing & (target_rounds >= PROBE_ROUNDS)
         w = torch.where(relaxed, relaxation, 1.0).to(cost.dtype)[:, None]  # [B, 1]
-        g_new = eps * (log_b - torch.logsumexp((f[:, :, None] - cost) / eps[..., None], dim=1))
+        damping = 1 / (1 + eps / reach)  # [B, 1]; 1 when balanced (reach = inf)
+        lse = torch.logsumexp((f[:, :, None] - cost) / eps[..., None], dim=1)
+        g_new = eps * (log_b - damping * lse)
         g = torch.where(active[:, None], relax(g, g_new, w), g)
-        f_new = eps * (log_a - torch.logsumexp((g[:, None, :] - cost) / eps[..., None], dim=2))
+        lse = torch.logsumexp((g[:, None, :] - cost) / eps[..., None], dim=2)
+        f_new = eps * (log_a - damping * lse)
         f = torch.where(active[:, None], relax(f, f_new, w), f)
         plan = ((f[:, :, None] + g[:, None, :] - cost) / eps_next[:, None, None]).exp()
         # In float64: squared violations of a plan of total mass 1e30 overflow float32 (the error
         # read inf), those of mass 1e-30 underflow (it read 0).
-        row_violation = (plan.sum(dim=2) - a).double()  # [B, n]
-        column_violation = (plan.sum(dim=1) - b).double()  # [B, m]
+        row_violation = plan.sum(dim=2) - fixed_point_mass(a, f, eps_next[:, None], reach)
+        column_violation = plan.sum(dim=1) - fixed_point_mass(b, g, eps_next[:, None], reach)
+        row_violation, column_violation = row_violation.double(), column_violation.double()
         violation = torch.cat([row_violation, column_violation], dim=1)
         violation = torch.linalg.vector_norm(violation, dim=-1).to(cost.dtype)
         annealed = eps_next <= epsilon
@@ -128,6 +141,16 @@ def sinkhorn_reference(
     return f, g, n_iter, error
 
 
+def fixed_point_mass(marginal, potential, epsilon, reach: float):
+    """What the plan's rows (or columns) sum to at the fixed point: the marginal, times
+    e^(-F / reach) with F = potential - epsilon log marginal when unbalanced (0 where the
+    marginal is: its potential is -inf)."""
+    if math.isinf(reach):
+        return marginal
+    relative = potential - epsilon * marginal.log()
+    return torch.where(marginal > 0, marginal * torch.exp(-relative / reach), 0.0)
+
+
 def relax(old: torch.Tensor, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(1 - w) old + w new, and new itself where either is -inf (a point of zero mass) or w
     is 1: 0 * -inf would be NaN."""
@@ -136,10 +159,12 @@ def relax(old: torch.Tensor, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return torch.where(plain, new, mixed)
 
 
-def _sinkhorn_checked(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
-    check_solver_values(cost, a, b)
+def _sinkhorn_checked(
+    cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+):
+    check_solver_values(cost, a, b, reach)
     return sinkhorn_reference(
-        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
 
 

@@ -24,6 +24,7 @@ from eotfast.ops.common import (
     empty_sinkhorn_solution,
     register_auction_op,
     register_sinkhorn_op,
+    require_balanced,
     require_dtype,
     solve_in_float32,
 )
@@ -68,28 +69,29 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- sinkhorn
-def _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start) -> None:
+def _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach) -> None:
+    require_balanced("sinkhorn_triton", reach)
     require_dtype(
         "sinkhorn_triton", (torch.float32,),
         cost=cost, a=a, b=b, epsilon=epsilon, epsilon_start=epsilon_start,
     )  # fmt: skip
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
     """One launch of kernels/sinkhorn.py on contiguous float32 [B, n, m] problems; every
     problem runs to its own stop on the device."""
-    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start)
+    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
     return launch_sinkhorn(
         cost, a, b, epsilon, max_iter, tol,
         epsilon_start=epsilon_start, scaling=scaling, relaxation=relaxation,
     )  # fmt: skip
 
 
-def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
     # float32 in: the outputs are float32 too
-    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start)
+    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
     return empty_sinkhorn_solution(
-        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
 
 
@@ -97,17 +99,19 @@ sinkhorn_triton = register_sinkhorn_op("triton", _sinkhorn, _sinkhorn_fake, trit
 _solve_in_float32 = solve_in_float32(sinkhorn_triton)
 
 
-def sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation):
+def sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
     """float32 throughout (the kernel's dtype); results in cost's dtype."""
     if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does,
-        check_solver_values(cost, a, b)  # then what the cast leaves of them
+        check_solver_values(cost, a, b, reach)  # then what the cast leaves of them
         if cost.dtype == torch.float64 and bool(cost.abs().amax() > torch.finfo(torch.float32).max):
             raise ValueError(
                 "cost has finite values beyond float32's range (largest "
                 f"{float(cost.abs().amax()):.3g}), which backend='triton' solves in; use "
                 "backend='cpu' or 'torch' for float64 costs this large"
             )
-    return _solve_in_float32(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation)
+    return _solve_in_float32(
+        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+    )
 
 
 # ----------------------------------------------------------------------------- draw_partners
