@@ -8,6 +8,7 @@
 
 from eotfast.assignment import AuctionResult, auction
 from eotfast.cost import cost_matrix
+from eotfast.divergence import SinkhornDivergence, sinkhorn_divergence
 from eotfast.exact import assignment, emd, linear_sum_assignment
 from eotfast.ops import cpu_backend, host, torch_backend  # noqa: F401  (registers their ops)
 from eotfast.ops.registry import (
@@ -33,5 +34,7 @@ __all__ = [
     "linear_sum_assignment",
     "pair",
     "sinkhorn",
+    "sinkhorn_divergence",
+    "SinkhornDivergence",
     "SinkhornResult",
 ]
