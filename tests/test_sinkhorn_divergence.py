@@ -41,6 +41,7 @@ def pot_ot(x, y, a, b, epsilon, rho=None) -> float:
     x, y, a, b = (t.double().numpy() for t in (x, y, a, b))
     cost = ot.dist(x, y)
     if rho is None:
+        b = b * (a.sum() / b.sum())  # float32 weights' masses differ in float64's last digits
         plan = ot.sinkhorn(
             a, b, cost, epsilon, method="sinkhorn_log", stopThr=1e-14, numItermax=100_000
         )
@@ -180,7 +181,8 @@ def test_balanced_weight_gradient_along_mass_preserving_directions():
 def test_divergence_is_zero_on_equal_measures_and_positive_otherwise(backend, device):
     x, y = clouds(12, 12, dtype=torch.float32)
     precision = solve_dtype(backend, torch.float32)
-    options = dict(reg=0.2, relative_reg=False, tol=1e-6, backend=backend)
+    # epsilon 1: the self problems converge in ~90 iterations (at 0.2, in 26,000).
+    options = dict(reg=1.0, relative_reg=False, tol=1e-6, backend=backend)
     same = eotfast.sinkhorn_divergence(x.to(device), x.to(device), **options)
     apart = eotfast.sinkhorn_divergence(x.to(device), y.to(device), **options)
     assert abs(float(same)) < (1e-5 if precision == torch.float32 else 1e-10)
