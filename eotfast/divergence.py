@@ -11,7 +11,6 @@ import torch
 from eotfast._validation import (
     check_finite_values,
     check_marginal_values,
-    check_tensor,
     point_batches,
 )
 from eotfast.ops import solve
@@ -146,8 +145,8 @@ def sinkhorn_divergence(
     x, y = x.to(dtype), y.to(dtype)
     check_finite_values("x", x)
     check_finite_values("y", y)
-    a = _weights("a", a, batch_shape, n, x)  # [B, n]
-    b = _weights("b", b, batch_shape, m, x)  # [B, m]
+    a = broadcast_marginal("a", a, batch_shape, n, x, dtype=x.dtype)  # [B, n], differentiable
+    b = broadcast_marginal("b", b, batch_shape, m, x, dtype=x.dtype)  # [B, m]
     check_marginal_values(a.detach(), b.detach(), equal_mass=math.isinf(rho))
     x = x.expand(*batch_shape, n, d).reshape(-1, n, d)  # [B, n, d]
     y = y.expand(*batch_shape, m, d).reshape(-1, m, d)  # [B, m, d]
@@ -167,13 +166,6 @@ def sinkhorn_divergence(
         marginal_error=error.reshape(batch_shape),
         plan=plan.reshape(*batch_shape, n, m) if return_plan else None,
     )
-
-
-def _weights(name, weights, batch_shape, size, x) -> torch.Tensor:
-    """The weights as [B, size] in x's dtype, differentiable (uniform 1/size when None)."""
-    if weights is not None:
-        check_tensor(name, weights, min_dim=1)
-    return broadcast_marginal(name, weights, batch_shape, size, x, dtype=x.dtype)
 
 
 class _SinkhornDivergenceFunction(torch.autograd.Function):

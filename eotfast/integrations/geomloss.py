@@ -120,20 +120,7 @@ class SamplesLoss(torch.nn.Module):
         uncovered = self._uncovered()
         self._geomloss = None
         if uncovered:
-            if importlib.util.find_spec("geomloss") is None:
-                raise NotImplementedError(
-                    f"eotfast's SamplesLoss covers GeomLoss's loss='sinkhorn' with p=2 and its "
-                    f"squared Euclidean cost; {uncovered} is GeomLoss's own (pip install "
-                    "geomloss, and this class hands such calls to it)"
-                )
-            import geomloss
-
-            self._geomloss = geomloss.SamplesLoss(
-                loss=loss, p=p, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
-                truncate=truncate, cost=cost, kernel=kernel, cluster_scale=cluster_scale,
-                debias=debias, potentials=potentials, verbose=verbose,
-                backend=backend if backend in GEOMLOSS_BACKENDS else "auto",
-            )  # fmt: skip
+            self._geomloss = self._geomloss_loss(uncovered)
             return
         for name, value in (("blur", blur), ("scaling", scaling)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -164,24 +151,32 @@ class SamplesLoss(torch.nn.Module):
             return "cluster_scale (the multiscale backend)"
         return ""
 
+    def _geomloss_loss(self, uncovered: str):
+        """GeomLoss's own SamplesLoss with these settings, for what eotfast does not compute
+        (``uncovered`` names it); NotImplementedError saying so without geomloss."""
+        if importlib.util.find_spec("geomloss") is None:
+            raise NotImplementedError(
+                f"eotfast's SamplesLoss covers GeomLoss's loss='sinkhorn' with p=2 and its "
+                f"squared Euclidean cost; {uncovered} is GeomLoss's own (pip install "
+                "geomloss, and this class hands such calls to it)"
+            )
+        import geomloss
+
+        return geomloss.SamplesLoss(
+            loss=self.loss, p=self.p, blur=self.blur, reach=self.reach, diameter=self.diameter,
+            scaling=self.scaling, truncate=self.truncate, cost=self.cost, kernel=self.kernel,
+            cluster_scale=self.cluster_scale, debias=self.debias, potentials=self.potentials,
+            verbose=self.verbose,
+            backend=self.backend if self.backend in GEOMLOSS_BACKENDS else "auto",
+        )  # fmt: skip
+
     def forward(self, *args):
         if self._geomloss is not None:
             if self.return_plan:
                 raise NotImplementedError("return_plan is eotfast's: GeomLoss has no plan")
             return self._geomloss(*args)
         if len(args) == 6:
-            if importlib.util.find_spec("geomloss") is None:
-                raise NotImplementedError(
-                    "cluster labels (the six-argument call) are GeomLoss's multiscale backend's "
-                    "own (pip install geomloss, and this class hands such calls to it)"
-                )
-            import geomloss
-
-            return geomloss.SamplesLoss(
-                loss=self.loss, p=self.p, blur=self.blur, reach=self.reach,
-                diameter=self.diameter, scaling=self.scaling, truncate=self.truncate,
-                debias=self.debias, potentials=self.potentials, verbose=self.verbose,
-            )(*args)  # fmt: skip
+            return self._geomloss_loss("cluster labels (the six-argument call)")(*args)
         if len(args) == 2:
             (x, y), a, b = args, None, None
         elif len(args) == 4:
