@@ -1,8 +1,11 @@
-"""Oracles and data shared by the tests (imported by conftest.py and the test files):
-POT's Sinkhorn, random marginals, and where and in which precision each backend runs."""
+"""Oracles and data shared by the tests (imported by conftest.py and the test files): each
+independent oracle is written here once (scipy's optimal assignment, POT's exact OT cost and
+log-domain Sinkhorn), with random marginals, the checks the tests share, and where and in
+which precision each backend runs."""
 
 import numpy as np
 import ot
+import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -54,16 +57,25 @@ def assert_partners_are_row_maxima(partners, x, y):
 
 
 # ----------------------------------------------------------------------------- assignment
-def optimum(cost: torch.Tensor) -> float:
-    """The oracle: scipy's optimal total cost of one [n, m] problem, in float64."""
-    cost64 = cost.double().cpu().numpy()
+def _float64(array) -> np.ndarray:
+    """A tensor (any device and dtype) or an array-like as a float64 numpy array."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().double().numpy()
+    return np.asarray(array, dtype=np.float64)
+
+
+def optimum(cost) -> float:
+    """The oracle: scipy's optimal total cost of one [n, m] problem (a tensor or an array), in
+    float64."""
+    cost64 = _float64(cost)
     return float(cost64[linear_sum_assignment(cost64)].sum())
 
 
-def total(cost: torch.Tensor, columns: torch.Tensor) -> float:
+def total(cost, columns) -> float:
     """Total cost of one [n, m] problem's assignment (a column per row), in float64."""
-    cost64 = cost.double().cpu()
-    return float(cost64[torch.arange(cost.shape[0]), columns.cpu()].sum())
+    cost64 = _float64(cost)
+    columns = columns.cpu().numpy() if isinstance(columns, torch.Tensor) else np.asarray(columns)
+    return float(cost64[np.arange(cost64.shape[0]), columns].sum())
 
 
 def assert_injection(columns: torch.Tensor, m: int) -> None:
@@ -73,3 +85,32 @@ def assert_injection(columns: torch.Tensor, m: int) -> None:
     assert ((columns >= 0) & (columns < m)).all(), columns
     for row in columns:
         assert row.unique().numel() == row.numel(), f"a column is used twice: {row.tolist()}"
+
+
+# ----------------------------------------------------------------------------- exact OT
+def pot_emd2(cost, a=None, b=None) -> float:
+    """The oracle: POT's exact OT cost (network simplex) of one [n, m] problem in float64,
+    uniform marginals where a or b is None. POT calls a problem whose costs are all negative
+    infeasible: it solves the cost shifted to a minimum of 0, which has the same plans (the
+    marginals have one mass), and the shift is added back."""
+    cost64 = _float64(cost)
+    n, m = cost64.shape
+    a = np.full(n, 1 / n) if a is None else _float64(a)
+    b = np.full(m, 1 / m) if b is None else _float64(b)
+    low = min(float(cost64.min()), 0.0)
+    return float(ot.emd2(a, b, cost64 - low)) + low * float(a.sum())
+
+
+# ----------------------------------------------------------------------------- refusals
+def assert_refused_eagerly_and_faked(function, args, match: str) -> None:
+    """An op refuses `args` with ValueError or TypeError matching `match`, called eagerly and
+    on fake tensors (its fake, what torch.compile traces, must check the same)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = list(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        function(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args]
+        with pytest.raises((ValueError, TypeError), match=match):
+            function(*fake)

@@ -3,10 +3,9 @@
 import math
 
 import numpy as np
-import ot
 import pytest
-import scipy.optimize
 import torch
+from oracles import optimum, pot_emd2, total
 
 import eotfast
 
@@ -22,19 +21,10 @@ def test_emd_reaches_pot_optimal_cost(random_problem, batch, n, m, uniform):
     for k in range(flat_cost.shape[0]):
         a_k = np.full(n, 1 / n) if a is None else a.reshape(-1, n)[k].numpy()
         b_k = np.full(m, 1 / m) if b is None else b.reshape(-1, m)[k].numpy()
-        expected = ot.emd2(a_k, b_k, flat_cost[k].numpy())
+        expected = pot_emd2(flat_cost[k], a_k, b_k)
         assert (flat_plan[k] * flat_cost[k]).sum().item() == pytest.approx(expected, rel=1e-10)
         np.testing.assert_allclose(flat_plan[k].sum(1).numpy(), a_k, atol=1e-12)
         np.testing.assert_allclose(flat_plan[k].sum(0).numpy(), b_k, atol=1e-12)
-
-
-def _scipy_total(cost) -> float:
-    cost64 = cost.double().cpu().numpy()
-    return float(cost64[scipy.optimize.linear_sum_assignment(cost64)].sum())
-
-
-def _total(cost, columns) -> float:
-    return float(cost.double().cpu()[torch.arange(cost.shape[0]), columns.cpu()].sum())
 
 
 SHAPES = [((), 30, 30), ((4,), 12, 12), ((), 10, 16), ((2, 3), 7, 9), ((), 1, 5), ((), 6, 9)]
@@ -69,11 +59,11 @@ def test_auction_is_within_its_bound_of_scipy(backend, device, batch, n, m, dtyp
         # The kernels compare C + p in the cost's dtype: a few units of its precision per row.
         magnitude = float(cost_k.abs().max()) + float(prices.abs().max())
         slack = m * 4 * torch.finfo(dtype).eps * magnitude
-        optimum = _scipy_total(cost_k)
-        assert optimum - 1e-9 <= _total(cost_k, columns) <= optimum + float(bound) + slack
+        best = optimum(cost_k)
+        assert best - 1e-9 <= total(cost_k, columns) <= best + float(bound) + slack
         # The default bound: 1e-6 of the optimum, or 16 ulps of the cost range per column.
         span = float(cost_k.max() - cost_k.min())
-        assert float(bound) <= 1.001 * max(1e-6 * optimum, m * 16 * torch.finfo(dtype).eps * span)
+        assert float(bound) <= 1.001 * max(1e-6 * best, m * 16 * torch.finfo(dtype).eps * span)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,7 +75,7 @@ def test_auction_matches_scipy_exactly_on_integer_costs(backend, device, batch, 
     assert (result.bound.cpu() < 1).all()  # so the assignment is optimal
     flat_cost, flat_columns = cost.reshape(-1, n, m), result.assignment.reshape(-1, n)
     for k in range(flat_cost.shape[0]):
-        assert _total(flat_cost[k], flat_columns[k]) == _scipy_total(flat_cost[k])
+        assert total(flat_cost[k], flat_columns[k]) == optimum(flat_cost[k])
 
 
 @pytest.mark.parametrize("batch,n,m", [((), 30, 30), ((4,), 12, 12), ((), 10, 16)])
@@ -96,15 +86,15 @@ def test_assignment_reaches_scipy_optimal_cost(batch, n, m):
     flat_cost, flat_columns = cost.reshape(-1, n, m), columns.reshape(-1, n)
     for k in range(flat_cost.shape[0]):
         assert len(set(flat_columns[k].tolist())) == n  # one-to-one
-        assert _total(flat_cost[k], flat_columns[k]) == pytest.approx(
-            _scipy_total(flat_cost[k]), rel=1e-12
+        assert total(flat_cost[k], flat_columns[k]) == pytest.approx(
+            optimum(flat_cost[k]), rel=1e-12
         )
 
 
 def test_assignment_of_a_half_precision_cost():
     cost = torch.randint(0, 50, (20, 20)).to(torch.bfloat16)
     columns = eotfast.assignment(cost)
-    assert _total(cost, columns) == _scipy_total(cost)
+    assert total(cost, columns) == optimum(cost)
 
 
 def test_assignment_rejects_more_rows_than_columns():
@@ -118,7 +108,7 @@ def test_warm_start_from_the_optimal_prices_takes_fewer_bids():
     warm = eotfast.auction(cost, cold.prices, epsilon_start=cold.epsilon)
     assert (warm.n_bids < cold.n_bids).all(), (warm.n_bids, cold.n_bids)
     for k in range(3):
-        assert _total(cost[k], warm.assignment[k]) <= _scipy_total(cost[k]) + float(warm.bound[k])
+        assert total(cost[k], warm.assignment[k]) <= optimum(cost[k]) + float(warm.bound[k])
 
 
 def test_a_larger_epsilon_gives_a_larger_bound_and_fewer_bids():
@@ -127,7 +117,7 @@ def test_a_larger_epsilon_gives_a_larger_bound_and_fewer_bids():
     assert torch.equal(coarse.bound, torch.full((2,), 50 * 1e-2, dtype=torch.float64))
     assert (coarse.n_bids < fine.n_bids).all()
     for k in range(2):
-        assert _total(cost[k], coarse.assignment[k]) <= _scipy_total(cost[k]) + 0.5
+        assert total(cost[k], coarse.assignment[k]) <= optimum(cost[k]) + 0.5
 
 
 def test_max_bids_reached_is_reported_and_assignment_refuses_it():
@@ -171,6 +161,6 @@ def test_emd_of_a_low_precision_cost_with_uniform_marginals(dtype):
     cost = torch.rand(30, 17, dtype=torch.float64).to(dtype)
     plan = eotfast.emd(cost)
     assert plan.dtype == dtype and plan.shape == (30, 17)
-    expected = ot.emd2(np.full(30, 1 / 30), np.full(17, 1 / 17), cost.double().numpy())
-    total = (plan.double() * cost.double()).sum().item()
-    assert total == pytest.approx(expected, rel=1e-2)  # the plan rounded to the cost's dtype
+    expected = pot_emd2(cost)
+    ours = (plan.double() * cost.double()).sum().item()
+    assert ours == pytest.approx(expected, rel=1e-2)  # the plan rounded to the cost's dtype

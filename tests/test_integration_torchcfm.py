@@ -10,6 +10,7 @@ import ot
 import pytest
 import scipy.optimize
 import torch
+from oracles import optimum, total
 
 from eotfast.integrations.torchcfm import OTPlanSampler, patch_torchcfm, use_eotfast
 
@@ -43,11 +44,6 @@ def image_like(n, shape=(3, 32, 32), seed=0):
         return (centres[labels] + 0.3 * torch.randn(n, *shape, generator=gen)).clamp(-1, 1)
 
     return batch(), batch()
-
-
-def optimal_total(cost):
-    cost = np.asarray(cost, dtype=np.float64)
-    return cost[scipy.optimize.linear_sum_assignment(cost)].sum()
 
 
 # ----------------------------------------------------------------------------- exact plans
@@ -189,8 +185,8 @@ def test_sinkhorn_on_image_costs_is_not_the_uniform_plan():
     assert not abs(collapsed.sum()) >= 1e-8  # 0 or NaN: what torchcfm reverts from
     plan = OTPlanSampler("sinkhorn", reg=2.0, max_iter=10_000).get_map(x0, x1)
     assert np.abs(plan.sum(1) - 1 / 48).max() < 1e-9 and np.abs(plan.sum(0) - 1 / 48).max() < 1e-9
-    uniform, optimum = cost.mean(), optimal_total(cost) / 48
-    assert ((plan * cost).sum() - optimum) < 0.01 * (uniform - optimum)  # near the OT plan
+    uniform, best = cost.mean(), optimum(cost) / 48
+    assert ((plan * cost).sum() - best) < 0.01 * (uniform - best)  # near the OT plan
     assert plan.max() > 10 / 48**2  # far from uniform
     try:
         theirs = torchcfm_sampler("sinkhorn", reg=2.0)
@@ -276,8 +272,7 @@ def test_on_device_exact_gives_distinct_optimal_targets_without_numpy():
     assert sorted(columns.tolist()) == list(range(96))
     assert torch.equal(new_x1, x1[columns]) and torch.equal(labels, columns)
     cost = flat_cost64(x0, x1)
-    assert cost[np.arange(96), columns.numpy()].sum() == pytest.approx(optimal_total(cost),
-                                                                      rel=1e-6)  # fmt: skip
+    assert total(cost, columns) == pytest.approx(optimum(cost), rel=1e-6)
 
 
 def test_on_device_exact_with_more_targets():
@@ -286,8 +281,7 @@ def test_on_device_exact_with_more_targets():
     _, columns = OTPlanSampler("exact", on_device=True).sample_plan(x0, x1, return_indices=True)
     cost = flat_cost64(x0, x1)
     assert columns.unique().numel() == 40
-    assert cost[np.arange(40), columns.numpy()].sum() == pytest.approx(optimal_total(cost),
-                                                                      rel=1e-6)  # fmt: skip
+    assert total(cost, columns) == pytest.approx(optimum(cost), rel=1e-6)
     with pytest.raises(ValueError, match="n <= m"):
         OTPlanSampler("exact", on_device=True).sample_plan(x1, x0)
 
@@ -349,7 +343,7 @@ def test_on_device_mode_never_syncs_on_cuda():
     cost = flat_cost64(x0.cpu(), x1.cpu())
     exact = pairs[0].cpu().numpy()
     assert len(set(exact.tolist())) == 256 and len(set(pairs[2].tolist())) == 256
-    assert cost[np.arange(256), exact].sum() == pytest.approx(optimal_total(cost), rel=1e-5)
+    assert total(cost, exact) == pytest.approx(optimum(cost), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- torchcfm

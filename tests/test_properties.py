@@ -12,13 +12,12 @@ import math
 import re
 
 import numpy as np
-import ot
 import pytest
-import scipy.optimize
 import scipy.spatial.distance
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import optimum, pot_emd2, total
 
 import eotfast
 
@@ -277,11 +276,33 @@ def assert_optimal_assignment(j, cost64: np.ndarray, rtol: float, atol: np.ndarr
     cols = j.reshape(-1, n).numpy()
     atol = np.broadcast_to(np.asarray(atol, dtype=np.float64), cost64.shape[:-2]).reshape(-1)
     for k in range(flat.shape[0]):
-        rows, best_cols = scipy.optimize.linear_sum_assignment(flat[k])
-        best = flat[k][rows, best_cols].sum()
-        got = flat[k][np.arange(n), cols[k]].sum()
+        best, got = optimum(flat[k]), total(flat[k], cols[k])
         scale = np.abs(flat[k]).max() * n
         assert got - best <= rtol * scale + atol[k], (k, got, best, got - best)
+
+
+# The interpreter's few iteration counts (max_iter, whether tol is finite).
+INTERPRETED_ITERATIONS = st.sampled_from([(1, True), (5, True), (0, False)])
+
+
+def property_tests(check, cases, **small):
+    """The two tests of one property, ``check(case, backend)``: 150 examples of ``cases()`` on
+    each compiled backend, and 10 small ones, ``cases(**small)``, on the Triton interpreter
+    (seconds per call)."""
+
+    @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+    @settings(max_examples=150, **SETTINGS)
+    @given(case=cases())
+    def compiled(case, backend):
+        check(case, backend)
+
+    @pytest.mark.parametrize("backend", INTERPRETED)
+    @settings(max_examples=10, **SETTINGS)
+    @given(case=cases(**small))
+    def interpreted(case, backend):
+        check(case, backend)
+
+    return compiled, interpreted
 
 
 # ----------------------------------------------------------------------------- cost_matrix
@@ -364,18 +385,9 @@ def _cost_matrix_property(case, backend):
     )
 
 
-@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-@settings(max_examples=150, **SETTINGS)
-@given(case=cost_matrix_cases())
-def test_cost_matrix(case, backend):
-    _cost_matrix_property(case, backend)
-
-
-@pytest.mark.parametrize("backend", INTERPRETED)
-@settings(max_examples=10, **SETTINGS)
-@given(case=cost_matrix_cases(sizes=st.integers(1, 4), features=st.integers(1, 4)))
-def test_cost_matrix_interpreted(case, backend):
-    _cost_matrix_property(case, backend)
+test_cost_matrix, test_cost_matrix_interpreted = property_tests(
+    _cost_matrix_property, cost_matrix_cases, sizes=st.integers(1, 4), features=st.integers(1, 4)
+)
 
 
 def test_cost_matrix_rejects_a_bad_backend():
@@ -548,23 +560,9 @@ def _sinkhorn_property(case, backend):
     )
 
 
-@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-@settings(max_examples=150, **SETTINGS)
-@given(case=sinkhorn_cases())
-def test_sinkhorn(case, backend):
-    _sinkhorn_property(case, backend)
-
-
-@pytest.mark.parametrize("backend", INTERPRETED)
-@settings(max_examples=10, **SETTINGS)
-@given(
-    case=sinkhorn_cases(
-        sizes=st.integers(1, 4),
-        iterations=st.sampled_from([(1, True), (5, True), (0, False)]),
-    )
+test_sinkhorn, test_sinkhorn_interpreted = property_tests(
+    _sinkhorn_property, sinkhorn_cases, sizes=st.integers(1, 4), iterations=INTERPRETED_ITERATIONS
 )
-def test_sinkhorn_interpreted(case, backend):
-    _sinkhorn_property(case, backend)
 
 
 def test_sinkhorn_rejects_a_bad_backend():
@@ -647,10 +645,7 @@ def test_emd(case):
         a_flat, b_flat = a64.reshape(-1, n).numpy(), b64.reshape(-1, m).numpy()
         got = (p64.reshape(-1, n, m) * c64).sum((-2, -1)).numpy()
         for k in range(c64.shape[0]):
-            # POT's network simplex calls a problem whose costs are all negative infeasible:
-            # the oracle solves the shifted cost, which has the same plans.
-            low = float(c64[k].min())
-            best = ot.emd2(a_flat[k], b_flat[k], c64[k].numpy() - low) + low * a_flat[k].sum()
+            best = pot_emd2(c64[k], a_flat[k], b_flat[k])
             bound = (8 * u * (n + m) + 1e-12) * total.reshape(-1)[k].item()
             bound *= float(c64[k].abs().max())
             assert abs(got[k] - best) <= bound + 1e-300, (k, got[k], best)
@@ -815,24 +810,10 @@ def _pair_property(case, backend):
     )
 
 
-@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-@settings(max_examples=150, **SETTINGS)
-@given(case=pair_cases())
-def test_pair(case, backend):
-    _pair_property(case, backend)
-
-
-@pytest.mark.parametrize("backend", INTERPRETED)
-@settings(max_examples=10, **SETTINGS)
-@given(
-    case=pair_cases(
-        sizes=st.integers(1, 4),
-        features=st.integers(1, 4),
-        iterations=st.sampled_from([(1, True), (5, True), (0, False)]),
-    )
-)
-def test_pair_interpreted(case, backend):
-    _pair_property(case, backend)
+test_pair, test_pair_interpreted = property_tests(
+    _pair_property, pair_cases,
+    sizes=st.integers(1, 4), features=st.integers(1, 4), iterations=INTERPRETED_ITERATIONS,
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- known failures
