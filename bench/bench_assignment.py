@@ -21,7 +21,7 @@ from _bench_utils import RELATIVE_REG, TOL, image_batches, record, size_params, 
 from scipy.optimize import linear_sum_assignment
 
 import eotfast
-from eotfast.assignment import solve_auction, warm_started_assignment
+from eotfast.lap import warm_started_assignment
 from eotfast.ops import solve as ops_solve
 
 D = 3072
@@ -88,17 +88,21 @@ def test_assignment(benchmark, provider, device, n, batch):
 def test_assignment_warm_start(benchmark, start, backend, device, n, batch):
     x, y = image_batches(n, D, batch)
     cost = eotfast.cost_matrix(x.to(device), y.to(device), batch_dims=1)
-    result, shifted, _ = ops_solve.sinkhorn_on_shifted_cost(
-        cost, None, None, RELATIVE_REG, True, 10_000, TOL, backend, 0.5, None
-    )
+    result, shifted, _ = ops_solve.sinkhorn(
+        cost, None, None, epsilon=eotfast.epsilon_from_reg(cost, RELATIVE_REG, True),
+        backend=backend, max_iter=10_000, tol=TOL, scaling=0.5, relaxation=None,
+    )  # fmt: skip
     zeros = torch.zeros(batch, n, device=device)
 
     def solve():
         if start == "warm":
-            out = warm_started_assignment(shifted, result, backend)
+            out = warm_started_assignment(shifted, result, backend=backend)
         else:
             span = shifted.amax(dim=(-2, -1))
-            out = solve_auction(shifted, zeros, span / 8, result.epsilon, 0.2, 10**9, backend)
+            out = ops_solve.auction(
+                shifted, zeros, epsilon_start=span / 8, epsilon_final=result.epsilon,
+                scaling=0.2, max_bids=10**9, backend=backend,
+            )  # fmt: skip
         sync(device)
         return out
 

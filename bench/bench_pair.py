@@ -52,7 +52,7 @@ from _bench_utils import (
 )
 
 import eotfast
-from eotfast.assignment import warm_started_assignment
+from eotfast.lap import warm_started_assignment
 from eotfast.ops import solve as ops_solve
 
 SIZES = [(64, 3072), (256, 3072), (1024, 3072), (256, 12288)]
@@ -164,12 +164,13 @@ def test_pair_tolerance(benchmark, tol, sampling):
     partners = benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
     # pair's solve again, outside the timing, for its counts: Sinkhorn iterations, and the
     # bids of the warm-started auction (from the prices -g) that the permutation adds.
-    result, shifted, _ = ops_solve.sinkhorn_on_shifted_cost(
-        cost, None, None, RELATIVE_REG, True, 1000, tol, "cpu", 0.5, None
-    )
+    result, shifted, _ = ops_solve.sinkhorn(
+        cost, None, None, epsilon=eotfast.epsilon_from_reg(cost, RELATIVE_REG, True),
+        backend="cpu", max_iter=1000, tol=tol, scaling=0.5, relaxation=None,
+    )  # fmt: skip
     n_bids = -1
     if sampling == "permutation":
-        n_bids = int(warm_started_assignment(shifted, result, "cpu").n_bids)
+        n_bids = int(warm_started_assignment(shifted, result, backend="cpu").n_bids)
     quality = pairing_quality(cost, torch.arange(n), partners)
     suffix = "_permutation" if sampling == "permutation" else ""
     plan = result.plan(shifted.double())  # the shift moves g and the cost alike

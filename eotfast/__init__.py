@@ -6,10 +6,11 @@
 >>> result = eotfast.sinkhorn(eotfast.cost_matrix(x, y))
 """
 
-from eotfast.assignment import AuctionResult, auction
 from eotfast.cost import cost_matrix
 from eotfast.divergence import SinkhornDivergence, sinkhorn_divergence
-from eotfast.exact import assignment, emd, linear_sum_assignment
+from eotfast.entropic import SinkhornResult, epsilon_from_reg, sinkhorn
+from eotfast.exact import emd
+from eotfast.lap import AuctionResult, assignment, auction, linear_sum_assignment
 from eotfast.ops import cpu_backend, host, torch_backend  # noqa: F401  (registers their ops)
 from eotfast.ops.registry import (
     available_backends,
@@ -17,7 +18,6 @@ from eotfast.ops.registry import (
     cuda_extension_available,
 )
 from eotfast.pairing import pair
-from eotfast.sinkhorn import SinkhornResult, epsilon_from_reg, sinkhorn
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,9 @@ __all__ = [
     "check_same_device",
     "check_positive",
     "check_iteration_limit",
+    "check_sinkhorn_options",
+    "check_reach",
+    "check_epsilon_range",
     "check_finite_values",
     "check_marginal_values",
     "values_checkable",
@@ -131,6 +134,60 @@ def check_iteration_limit(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
         raise ValueError(f"{name} must be an integer from 1 to 2**63 - 1, got {value!r}")
     return value
+
+
+def check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation) -> float:
+    """The number arguments of a Sinkhorn solve, checked without the cost (so that pair
+    checks them whichever method it runs); returns reg as a float. ``relaxation`` None is
+    resolved by eotfast.ops.solve.sinkhorn."""
+    reg = check_positive("reg", reg)
+    check_iteration_limit("max_iter", max_iter)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+    if scaling is not None and (
+        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1
+    ):
+        raise ValueError(f"scaling must be None or a number in (0, 1), got {scaling!r}")
+    if relaxation is not None and (
+        isinstance(relaxation, bool)
+        or not isinstance(relaxation, (int, float))
+        or not 1 <= relaxation < 2
+    ):
+        raise ValueError(f"relaxation must be None or a number in [1, 2), got {relaxation!r}")
+    return reg
+
+
+def check_reach(reach) -> float:
+    """None (balanced) or rho > 0 of unbalanced OT, in cost units; returned as a float, inf
+    for balanced."""
+    if reach is None:
+        return math.inf
+    if isinstance(reach, bool) or not isinstance(reach, (int, float)) or not reach > 0:
+        raise ValueError(
+            f"reach must be None (balanced OT) or a number > 0 (rho of unbalanced OT, in cost "
+            f"units), got {reach!r}"
+        )
+    return float(reach)
+
+
+def check_epsilon_range(epsilon: torch.Tensor, reg: float, relative_reg: bool) -> None:
+    """Every epsilon a positive normal number of the solve dtype: reg = 1e-40, reg = 1e300,
+    or a cost spread of 1e200 (float64) or under 1e-37 (float32) gave f = -inf, g = NaN and
+    pairs all on column 0. Read on CPU tensors only (a GPU read would sync)."""
+    if not values_checkable(epsilon):
+        return
+    info = torch.finfo(epsilon.dtype)
+    low, high = torch.aminmax(epsilon)
+    if not (bool(low >= info.tiny) and bool(high <= info.max)):
+        bad = float(low) if not bool(low >= info.tiny) else float(high)
+        scale = (
+            f"reg x std(cost), std(cost) up to {float(high) / reg:.3g}" if relative_reg else "reg"
+        )
+        raise ValueError(
+            f"reg={reg:g} gives epsilon = {bad:.3g} ({scale}), outside the positive normal "
+            f"range of {epsilon.dtype} [{info.tiny:.3g}, {info.max:.3g}]; choose reg so that "
+            "epsilon is of the order of the costs' spread"
+        )
 
 
 def values_checkable(tensor: torch.Tensor) -> bool:

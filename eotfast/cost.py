@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eotfast._validation import check_finite_values, point_batches, values_checkable
+from eotfast._validation import point_batches
 from eotfast.ops import solve
 from eotfast.ops.registry import resolve_backend
 
@@ -49,31 +49,4 @@ def cost_matrix(
         dimensions, d >= 3072), else the inputs' dtype.
     """
     x, y = point_batches(x, y, batch_dims)
-    return checked_cost_matrix(x, y, resolve_backend(backend, x.device))
-
-
-def checked_cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
-    """The cost of validated x [..., n, d] and y [..., m, d] by the resolved backend, with the
-    checks that read values (CPU tensors only): finite points, finite distances."""
-    # torch's GEMM form ("cpu", "torch") carries a NaN or inf coordinate into the cost (the
-    # centring spreads it to every entry), so one pass over the [n, m] cost checks the points
-    # too, against two over the [n, d] inputs (d = 3072: 6x the reads at n = m), and they are
-    # read only to name the culprit. The Triton and CUDA kernels clamp a NaN distance to 0 (a
-    # NaN point gave an all-zero cost): their inputs are checked first.
-    reads_nan = backend in ("cpu", "torch")
-    if not reads_nan:
-        check_finite_values("x", x)
-        check_finite_values("y", y)
-    cost = solve.cost_matrix(x, y, backend)
-    if values_checkable(cost) and not bool(torch.isfinite(cost.amax())):
-        if reads_nan:
-            check_finite_values("x", x)
-            check_finite_values("y", y)
-        # Finite points whose squared distances leave the dtype's range (1e20 against -1e20
-        # in float32): say so here, not as a NaN or inf cost in a later step.
-        raise ValueError(
-            f"the squared distances between x and y overflow {cost.dtype} (largest |x| "
-            f"{float(x.abs().amax()):.3g}, largest |y| {float(y.abs().amax()):.3g}): rescale "
-            "the points or pass float64"
-        )
-    return cost
+    return solve.cost_matrix(x, y, backend=resolve_backend(backend, x.device))

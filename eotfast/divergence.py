@@ -9,8 +9,10 @@ from typing import NamedTuple
 import torch
 
 from eotfast._validation import (
-    check_finite_values,
+    check_epsilon_range,
     check_marginal_values,
+    check_reach,
+    check_sinkhorn_options,
     point_batches,
 )
 from eotfast.ops import solve
@@ -135,16 +137,14 @@ def sinkhorn_divergence(
     x, y = point_batches(x, y, batch_dims)  # [*batch, n, d], [*batch, m, d]
     batch_shape = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     (n, d), m = x.shape[-2:], y.shape[-2]
-    reg, relaxation = solve.check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
-    rho = solve.check_reach(reach)
+    reg = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
+    rho = check_reach(reach)
     for name, flag in (("debias", debias), ("relative_reg", relative_reg)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {flag!r}")
     backend = resolve_backend(backend, x.device, unbalanced=not math.isinf(rho))
     dtype = x.dtype if x.dtype in SOLVER_DTYPES else torch.float32
     x, y = x.to(dtype), y.to(dtype)
-    check_finite_values("x", x)
-    check_finite_values("y", y)
     a = broadcast_marginal("a", a, batch_shape, n, x, dtype=x.dtype)  # [B, n], differentiable
     b = broadcast_marginal("b", b, batch_shape, m, x, dtype=x.dtype)  # [B, m]
     check_marginal_values(a.detach(), b.detach(), equal_mass=math.isinf(rho))
@@ -219,12 +219,12 @@ def _divergence_no_grad(
         # 65 ms of 420 at n = 1024, d = 3072).
         cost = x.new_empty(3 * batch, n, n)
         for k, (p, q, _, _) in enumerate(problems):
-            cost[k * batch : (k + 1) * batch] = solve.cost_matrix(p, q, backend)
+            cost[k * batch : (k + 1) * batch] = solve.cost_matrix(p, q, backend=backend)
         epsilon = epsilon_from_reg(cost[:batch], reg, relative_reg)  # [B]
-        solve.check_epsilon_range(epsilon, reg, relative_reg)
-        result, cost, offset = solve.solve_sinkhorn(
+        check_epsilon_range(epsilon, reg, relative_reg)
+        result, cost, offset = solve.sinkhorn(
             cost, torch.cat([a, a, b]).detach(), torch.cat([b, a, b]).detach(),
-            epsilon.repeat(3), **options,
+            epsilon=epsilon.repeat(3), **options,
         )  # fmt: skip
         fields = (cost, result.f, result.g, offset, result.n_iter, result.marginal_error)
         parts = [
@@ -233,12 +233,12 @@ def _divergence_no_grad(
     else:
         parts = []
         for k, (p, q, source, target) in enumerate(problems):
-            cost = solve.cost_matrix(p, q, backend)
+            cost = solve.cost_matrix(p, q, backend=backend)
             if k == 0:
                 epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [B]
-                solve.check_epsilon_range(epsilon, reg, relative_reg)
-            result, cost, offset = solve.solve_sinkhorn(
-                cost, source.detach(), target.detach(), epsilon, **options
+                check_epsilon_range(epsilon, reg, relative_reg)
+            result, cost, offset = solve.sinkhorn(
+                cost, source.detach(), target.detach(), epsilon=epsilon, **options
             )
             parts.append((cost, result.f, result.g, offset, result.n_iter, result.marginal_error))
     a, b = a.detach(), b.detach()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from eotfast._validation import check_finite_values, point_batches
-from eotfast.assignment import warm_started_assignment
-from eotfast.cost import checked_cost_matrix
-from eotfast.exact import assignment, emd
+from eotfast._validation import (
+    check_epsilon_range,
+    check_finite_values,
+    check_sinkhorn_options,
+    point_batches,
+)
+from eotfast.exact import exact_plan
+from eotfast.lap import optimal_assignment, warm_started_assignment
 from eotfast.ops import solve
-from eotfast.ops.common import SOLVER_DTYPES
+from eotfast.ops.common import SOLVER_DTYPES, epsilon_from_reg
 from eotfast.ops.registry import resolve_backend
 from eotfast.ops.torch_backend import draw_from_log_weights
 
@@ -24,17 +28,11 @@ def auto_method(backend: str, n: int, m: int) -> tuple[str, str | None]:
     """(method, sampling) of ``pair(method="auto")`` with the resolved `backend`: the fastest
     pairing with distinct targets and (near-)optimal total cost, for n sources and m targets.
 
-    Measured at n = m = 1024, d = 3072 (bench/bench_pair.py, image-like batches):
-    - "cpu" (the C++ kernels, 2 cores): "exact" 40 ms (the cost matrix's GEMM 34 ms, the
-      Gauss-Seidel auction 3.6 ms; gap closed 1.0) against Sinkhorn + permutation 100 ms
-      (gap closed 0.998): the auction costs less than the Sinkhorn iterations.
-    - "triton" on an H100: "exact" took 48 ms (one program per problem, ~12 us per Jacobi
-      round), the Sinkhorn 13 ms. The permutation phase after Sinkhorn at tol 1e-3 needs 926
-      Jacobi rounds and 3,283 bids where the cold auction needs 4,068 rounds and 35,752 bids
-      (counted with the PyTorch reference, which bids in the same rounds), so Sinkhorn +
-      permutation comes first. "cuda" runs the same auction; "torch" bids in Jacobi rounds
-      too (n = 256, on the CPU: "exact" 110 ms, Sinkhorn + permutation 49 ms).
-    n > m admits no distinct targets: partners are then drawn from the Sinkhorn plan."""
+    "exact" (the auction) on "cpu", where the C++ auction costs less than the Sinkhorn
+    iterations; Sinkhorn + "permutation" on the others, whose auctions bid in Jacobi rounds and
+    need far fewer of them warm-started from the plan (measured per backend in bench/README.md,
+    "Which method auto picks"). n > m admits no distinct targets: partners are then drawn from
+    the Sinkhorn plan."""
     if n > m:
         return "sinkhorn", "sample"
     if backend == "cpu":
@@ -105,17 +103,12 @@ def pair(
         n <= m), the baseline.
     reg, relative_reg, max_iter, tol, scaling, relaxation
         Passed to :func:`eotfast.sinkhorn` (wherever Sinkhorn runs). ``tol`` is 1e-3 here,
-        against 1e-4 for :func:`eotfast.sinkhorn`, by measurement (bench/bench_pair.py
-        ``test_pair_tolerance``; n = 1024 image-like batches, d = 3072): the pairs close the
-        same share of the gap with the same distinct targets at every tol from 1e-2 to 1e-4
-        (99.8% with "permutation"), and 1e-3 takes 220 iterations instead of 234. Looser
-        costs the permutation more than it saves: its auction, warm-started from a less
-        converged g, needs 11,046 bids at 3e-3 and 18,796 at 1e-2 against 2,692 at 1e-3, and
-        on a GPU 4,630 and 7,191 Jacobi rounds against 926 (a cold auction: 4,068). ``tol``
-        bounds the norm over all m targets, so each target's mass is off by up to about
-        tol * sqrt(m) of its own, root mean square (measured, mean: 0.9% at m = 256, 1.5% at
-        1024, 3.9% at 4096): pass a smaller tol to draw from large plans ("permutation" and
-        "exact" give every target once whatever tol).
+        against 1e-4 for :func:`eotfast.sinkhorn`: the pairs are as good as at 1e-4 and a
+        looser tol costs the permutation's auction more bids than it saves iterations
+        (bench/README.md, "pair's tolerance"). ``tol`` bounds the norm over all n + m
+        marginal entries, so each target's mass is off by up to about tol * sqrt(m) of its
+        own, root mean square: pass a smaller tol to draw from large plans ("permutation"
+        and "exact" give every target once whatever tol).
     batch_dims : int
         How many leading dimensions of x and y index independent problems, each paired on
         its own (0: one problem). Shapes are never guessed: x [8, 256, 3072] is 8 samples of
@@ -183,10 +176,10 @@ def pair(
             f"got {type(group).__name__}"
         )
     # Checked whichever method runs: "auto" picks Sinkhorn on some devices and not others.
-    solve.check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
+    reg = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
     if not relative_reg:  # an absolute epsilon: its range is known before any cost
         dtype = x.dtype if x.dtype in SOLVER_DTYPES else torch.float32
-        solve.check_epsilon_range(torch.tensor(float(reg), dtype=dtype), reg, False)
+        check_epsilon_range(torch.tensor(reg, dtype=dtype), reg, False)
     x, y = x.detach(), y.detach()  # pairing picks indices: nothing to differentiate
     world = 1 if group is None else dist.get_world_size(group)
     n, m = world * x.shape[-2], world * y.shape[-2]  # the (global) problem's size
@@ -220,41 +213,45 @@ def pair(
             "use method='exact'"
         )
 
+    # ---- the global batch: every process gathers x and y and keeps its own rows
     rows = slice(None)  # the rows of this process's sources
     if group is not None:  # every argument checked: no process leaves a collective behind
         rank, n_local = dist.get_rank(group), x.shape[-2]
         rows = slice(rank * n_local, (rank + 1) * n_local)
         x, y = _all_gather_samples(x, group), _all_gather_samples(y, group)
-    j = _solve_pairing(
-        x, y, method, sampling, generator, backend,
-        reg=reg, relative_reg=relative_reg, max_iter=max_iter, tol=tol, scaling=scaling,
-        relaxation=relaxation,
-    )[..., rows]  # fmt: skip
+
+    # ---- partners [*batch, n] by the resolved method
+    if method == "random":  # the one method without a cost matrix, which checks x and y
+        check_finite_values("x", x)
+        check_finite_values("y", y)
+        j = _random_pairing(x.shape[:-2], x.shape[-2], y.shape[-2], x.device, generator)
+    else:
+        cost = solve.cost_matrix(x, y, backend=backend)  # [*batch, n, m]
+        if method == "exact":
+            j = optimal_assignment(cost, backend=backend)
+        elif method == "emd":
+            j = draw_from_log_weights(exact_plan(cost).log(), sampling, generator)
+        else:
+            epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [*batch]
+            if relative_reg:  # an absolute epsilon was checked with the other arguments
+                check_epsilon_range(epsilon, reg, relative_reg)
+            # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
+            result, shifted_cost, _ = solve.sinkhorn(
+                cost, None, None, epsilon=epsilon, backend=backend, max_iter=max_iter, tol=tol,
+                scaling=scaling, relaxation=relaxation, overwrite_cost=True,
+            )  # fmt: skip
+            if sampling == "permutation":
+                j = warm_started_assignment(shifted_cost, result, backend=backend).assignment
+            else:
+                j = solve.draw_partners(
+                    shifted_cost, result, sampling=sampling, generator=generator,
+                    backend=backend,
+                )  # fmt: skip
+    j = j[..., rows]
     if not return_partners:
         return j
     partners = y.gather(-2, j[..., None].expand(*j.shape, y.shape[-1]))  # [*batch, n, d]
     return j, partners.reshape(*j.shape, *sample_shape)
-
-
-def _solve_pairing(x, y, method, sampling, generator, backend, **sinkhorn_options):
-    """Partners [*batch, n] of validated x [*batch, n, d] and y [*batch, m, d] by a resolved
-    method, sampling and backend; `sinkhorn_options` are sinkhorn_on_shifted_cost's."""
-    if method == "random":  # the one method without a cost matrix, which checks x and y
-        check_finite_values("x", x)
-        check_finite_values("y", y)
-        return _random_pairing(x.shape[:-2], x.shape[-2], y.shape[-2], x.device, generator)
-    cost = checked_cost_matrix(x, y, backend)  # [*batch, n, m]
-    if method == "exact":
-        return assignment(cost, backend=backend)
-    if method == "emd":
-        return draw_from_log_weights(emd(cost).log(), sampling, generator)
-    # The shifted cost and its g keep float32 digits that the unshifted pair would lose.
-    result, shifted_cost, _ = solve.sinkhorn_on_shifted_cost(
-        cost, None, None, backend=backend, **sinkhorn_options
-    )
-    if sampling == "permutation":
-        return warm_started_assignment(shifted_cost, result, backend).assignment
-    return solve.draw_partners(shifted_cost, result, sampling, generator, backend)
 
 
 def _all_gather_samples(t: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

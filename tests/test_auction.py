@@ -395,12 +395,21 @@ def test_cpu_threads_give_the_same_results():
 
 
 def test_auction_op_signature_matches_the_schema():
-    """torch 2.11 infers a triton_op's schema from the wrapper's annotations even when one is
-    given: the wrapper must be annotated with the schema's types."""
-    from eotfast.ops.common import AUCTION_SCHEMA, with_auction_checks
+    """torch 2.11 infers a triton_op's schema from the implementation's annotations even when
+    one is given: every auction op's implementation states AUCTION_SCHEMA (auction_op refuses
+    one that does not, tests/test_ops.py), so registering one again under another name with the
+    same annotations succeeds."""
+    from eotfast.ops.common import AUCTION_SCHEMA, auction_op
 
-    inferred = torch.library.infer_schema(with_auction_checks("op", None), mutates_args=())
+    def auction_schema_probe(
+        cost: torch.Tensor, prices: torch.Tensor, epsilon_start: torch.Tensor,
+        epsilon_final: torch.Tensor, scaling: float, max_bids: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        raise AssertionError("never called")
+
+    inferred = torch.library.infer_schema(auction_schema_probe, mutates_args=())
     assert inferred.replace("SymInt", "int") == AUCTION_SCHEMA
+    assert auction_op()(auction_schema_probe) is not None
 
 
 def test_matches_scipy_on_image_like_costs(backend, device, small):

@@ -9,7 +9,8 @@ import scipy.optimize
 import torch
 
 import eotfast
-from eotfast import exact
+from eotfast import lap
+from eotfast.ops import solve
 
 INF = np.inf
 # (n, m): one entry, one row, one column, square, and both rectangular orientations.
@@ -136,14 +137,14 @@ def test_the_certified_bound_is_the_documented_one(monkeypatch):
     # comparisons on 64 x 64 to 200 x 200 costs). So the bound that the guarantee rests on
     # is read off the auction's own result: below 1 on integer costs (hence optimal), at most
     # 1e-9 * min(n, m) * F on the others, F computed here from the cost.
-    bounds, solve_auction = [], exact.solve_auction
+    bounds, auction = [], solve.auction
 
-    def recording(*args):
-        result = solve_auction(*args)
+    def recording(*args, **kwargs):
+        result = auction(*args, **kwargs)
         bounds.append(result.bound)
         return result
 
-    monkeypatch.setattr(exact, "solve_auction", recording)
+    monkeypatch.setattr(solve, "auction", recording)
     rng = np.random.default_rng(12)
     integral = [
         rng.integers(0, 100, (20, 35)), rng.integers(0, 100, (35, 20)),
@@ -335,7 +336,7 @@ def test_forbidden_pairs_in_batches_and_tensors():
 def values_not_read(monkeypatch):
     """The path of GPU tensors (and compiled code), run on CPU tensors: linear_sum_assignment
     reads no value back, every decision is a tensor op."""
-    monkeypatch.setattr(exact, "values_checkable", lambda tensor: False)
+    monkeypatch.setattr(lap, "values_checkable", lambda tensor: False)
 
 
 @pytest.mark.usefixtures("values_not_read")

@@ -151,10 +151,20 @@ def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument,
             function(*fake)
 
 
-def test_sinkhorn_op_signature_matches_the_schema():
+def test_op_registration_refuses_annotations_that_differ_from_the_schema():
     """torch 2.11's triton_op infers the schema from the function's annotations even when one
-    is given: an unannotated wrapper failed to register there (`import eotfast` raised)."""
-    from eotfast.ops.common import SINKHORN_SCHEMA, with_sinkhorn_checks
+    is given: an unannotated implementation failed to register there (`import eotfast`
+    raised). Every op is registered through sinkhorn_op / auction_op, which compare the two
+    (every backend module imported here passed that check on import)."""
+    from eotfast.ops.common import auction_op, sinkhorn_op
 
-    inferred = torch.library.infer_schema(with_sinkhorn_checks("op", None), mutates_args=())
-    assert inferred.replace("SymInt", "int") == SINKHORN_SCHEMA
+    def sinkhorn_misannotated(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return cost
+
+    def auction_unannotated(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
+        return cost
+
+    with pytest.raises(TypeError, match="eotfast::sinkhorn_misannotated: the implementation's"):
+        sinkhorn_op()(sinkhorn_misannotated)
+    with pytest.raises(TypeError, match="eotfast::auction_unannotated: .* schema none"):
+        auction_op()(auction_unannotated)

@@ -198,18 +198,20 @@ def test_permutation_sampling_gives_distinct_targets_near_the_optimum(clustered_
 def test_permutation_sampling_warm_start_takes_fewer_bids_than_a_cold_solve(clustered_domains):
     # The same phase (epsilon = the Sinkhorn epsilon) on the same shifted cost: from the
     # prices -g, against zero prices scaled down from range / 8, the auction's default start.
-    from eotfast.assignment import solve_auction, warm_started_assignment
+    from eotfast.lap import warm_started_assignment
     from eotfast.ops import solve
 
     x, y = clustered_domains(n=128, d=300)
     cost = eotfast.cost_matrix(x, y)
-    result, shifted, _ = solve.sinkhorn_on_shifted_cost(
-        cost, None, None, 0.05, True, 1000, 1e-4, "cpu", 0.5, None
-    )
-    warm = warm_started_assignment(shifted, result, "cpu")
-    cold = solve_auction(
-        shifted, torch.zeros(128), shifted.amax() / 8, result.epsilon, 0.2, 10**8, "cpu"
-    )
+    result, shifted, _ = solve.sinkhorn(
+        cost, None, None, epsilon=eotfast.epsilon_from_reg(cost, 0.05, True), backend="cpu",
+        max_iter=1000, tol=1e-4, scaling=0.5, relaxation=None,
+    )  # fmt: skip
+    warm = warm_started_assignment(shifted, result, backend="cpu")
+    cold = solve.auction(
+        shifted, torch.zeros(128), epsilon_start=shifted.amax() / 8,
+        epsilon_final=result.epsilon, scaling=0.2, max_bids=10**8, backend="cpu",
+    )  # fmt: skip
     assert torch.equal(warm.epsilon, cold.epsilon)
     assert 2 * int(warm.n_bids) < int(cold.n_bids), (warm.n_bids, cold.n_bids)
     pairs = eotfast.pair(x, y, sampling="permutation", tol=1e-4, backend="cpu")

@@ -4,23 +4,34 @@ tensors; the cost matrix and the row draw are the torch reference's (MKL GEMM, o
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from eotfast._validation import check_finite_values
 from eotfast.ops.common import (
+    auction_op,
+    check_auction_arguments,
+    check_sinkhorn_arguments,
     check_solver_values,
     empty_auction_solution,
     empty_sinkhorn_solution,
-    register_auction_op,
-    register_sinkhorn_op,
+    sinkhorn_op,
 )
 from eotfast.ops.extensions import require_cpu_extension
 from eotfast.ops.torch_backend import cost_matrix, draw_partners
 
-__all__ = ["auction_cpu", "cost_matrix", "draw_partners", "sinkhorn", "sinkhorn_cpu"]
+__all__ = ["auction", "auction_cpu", "cost_matrix", "draw_partners", "sinkhorn", "sinkhorn_cpu"]
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
-    """csrc/sinkhorn_cpu.cpp on contiguous float32 or float64 [B, n, m] problems."""
+@sinkhorn_op(device_types="cpu")
+def sinkhorn_cpu(
+    cost: Tensor, a: Tensor, b: Tensor, epsilon: Tensor, max_iter: int, tol: float,
+    epsilon_start: Tensor, scaling: float, relaxation: float, reach: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """csrc/sinkhorn_cpu.cpp on float32 or float64 [B, n, m] problems."""
+    check_sinkhorn_arguments(
+        "sinkhorn_cpu", cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation,
+        reach,
+    )  # fmt: skip
     extension = require_cpu_extension()
     check_solver_values(cost, a, b, reach)
     cost, a, b, epsilon, epsilon_start = (
@@ -42,12 +53,15 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxa
     return f, g, n_iter, error
 
 
-sinkhorn_cpu = register_sinkhorn_op("cpu", _sinkhorn, device_types="cpu")
-sinkhorn = sinkhorn_cpu
-
-
-def _auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
-    """csrc/auction_cpu.cpp on contiguous float32 or float64 [B, n, m] problems (n <= m)."""
+@auction_op(device_types="cpu")
+def auction_cpu(
+    cost: Tensor, prices: Tensor, epsilon_start: Tensor, epsilon_final: Tensor, scaling: float,
+    max_bids: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """csrc/auction_cpu.cpp on float32 or float64 [B, n, m] problems (n <= m)."""
+    check_auction_arguments(
+        "auction_cpu", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+    )
     extension = require_cpu_extension()
     check_finite_values("cost", cost)
     check_finite_values("prices", prices)
@@ -70,4 +84,5 @@ def _auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
     return assignment, prices_out, epsilon, n_bids
 
 
-auction_cpu = register_auction_op("cpu", _auction, device_types="cpu")
+sinkhorn = sinkhorn_cpu
+auction = auction_cpu

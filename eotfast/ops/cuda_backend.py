@@ -8,20 +8,29 @@ output shapes, so a compiled step keeps them as single graph nodes.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.library import custom_op
 
 from eotfast.ops import torch_backend
 from eotfast.ops.common import (
     check_point_batch_arguments,
+    check_sinkhorn_arguments,
     empty_sinkhorn_solution,
-    register_sinkhorn_op,
     require_balanced,
     require_dtype,
-    solve_in_float32,
+    sinkhorn_op,
 )
 from eotfast.ops.extensions import require_cuda_extension
+from eotfast.ops.registry import triton_runs_on
 
-__all__ = ["cost_matrix", "cost_matrix_cuda", "draw_partners", "sinkhorn", "sinkhorn_cuda"]
+__all__ = [
+    "auction",
+    "cost_matrix",
+    "cost_matrix_cuda",
+    "draw_partners",
+    "sinkhorn",
+    "sinkhorn_cuda",
+]
 
 _ELEMENT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -64,9 +73,17 @@ def _(x, y):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=torch.float32)
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
+@sinkhorn_op(device_types="cuda")
+def sinkhorn_cuda(
+    cost: Tensor, a: Tensor, b: Tensor, epsilon: Tensor, max_iter: int, tol: float,
+    epsilon_start: Tensor, scaling: float, relaxation: float, reach: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Backend 'cuda' on float32 [B, n, m] problems: one thread block per problem, all
     iterations in one launch."""
+    check_sinkhorn_arguments(
+        "sinkhorn_cuda", cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
+        relaxation, reach,
+    )  # fmt: skip
     extension = require_cuda_extension()
     require_balanced("sinkhorn_cuda", reach)
     require_dtype(
@@ -105,11 +122,22 @@ def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxa
     return f, g, n_iter, error
 
 
-sinkhorn_cuda = register_sinkhorn_op("cuda", _sinkhorn, device_types="cuda")
-
-
-sinkhorn = solve_in_float32(sinkhorn_cuda)
+sinkhorn = sinkhorn_cuda
 draw_partners = torch_backend.draw_partners
+
+
+def auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
+    """csrc/cuda has no auction kernel: the Triton kernel where Triton runs on the device,
+    else the torch reference."""
+    if triton_runs_on(cost.device):
+        from eotfast.ops import triton_backend
+
+        return triton_backend.auction_triton(
+            cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+        )
+    return torch_backend.auction_torch(
+        cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+    )
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,18 @@
 """Which implementation runs an op: one record per backend, and the choice among them.
 
-A backend is a module of eotfast.ops that provides the three ops of the pairing path with
-one signature each (all on flattened [B, ...] batches):
+A backend is a module of eotfast.ops that provides the four ops of the pairing path under
+the same names, each on flattened [B, ...] batches (eotfast.ops.solve calls them, through
+:func:`backend_ops`, and nothing else does):
 
-- ``cost_matrix(x [B, n, d], y [B, m, d]) -> [B, n, m]`` squared Euclidean distances;
-- ``sinkhorn(cost [B, n, m], a [B, n], b [B, m], epsilon [B], max_iter, tol)
-  -> (f, g, n_iter, marginal_error)``;
+- ``cost_matrix(x [B, n, d], y [B, m, d]) -> [B, n, m]``: squared Euclidean distances;
+- ``sinkhorn(cost [B, n, m], a [B, n], b [B, m], epsilon [B], max_iter, tol, epsilon_start
+  [B], scaling, relaxation, reach) -> (f [B, n], g [B, m], n_iter [B], marginal_error [B])``:
+  eotfast.ops.common.SINKHORN_SCHEMA, in the record's ``sinkhorn_dtypes``;
 - ``draw_partners(cost [B, n, m], g [B, m], epsilon [B], sampling, generator) -> [B, n]``:
-  one column per row from the plan's row (Gumbel-max draw, or argmax).
-
-and the assignment solver, an op found through the record (``auction``, see
-:func:`backend_auction`): ``auction(cost [B, n, m], prices [B, m], epsilon_start [B],
-epsilon_final [B], scaling, max_bids) -> (assignment [B, n], prices, epsilon, n_bids)``, the
-batched auction of eotfast.ops.common.AUCTION_SCHEMA: ``torch`` has the PyTorch reference
-(any device), ``cpu`` the C++ kernel, ``triton`` the Triton kernel, and ``cuda`` the Triton
-kernel where Triton runs on the device, else the reference.
+  one column per row from the plan's row (Gumbel-max draw, or argmax);
+- ``auction(cost [B, n, m], prices [B, m], epsilon_start [B], epsilon_final [B], scaling,
+  max_bids) -> (assignment [B, n], prices [B, m], epsilon [B], n_bids [B])``:
+  eotfast.ops.common.AUCTION_SCHEMA.
 
 Its record says where it runs, how fast it is there (``rank``: 0 first, for "auto"), whether
 it can run in this process, and how to load its module, imported on first use (importing
@@ -73,10 +71,10 @@ class Backend:
     rank: dict[str, int]
     runs_on: Callable[[torch.device], bool]  # can run on this device in this process
     hint: Callable[[torch.device], str]  # why not, and what to use instead
-    # device -> its auction op (eotfast.ops.common.AUCTION_SCHEMA), imported on first use
-    auction: Callable[[torch.device], Callable]
     # its Sinkhorn solves unbalanced problems (a finite reach); the GPU kernels do not
     unbalanced: bool = False
+    # the dtypes its Sinkhorn solves in; eotfast.ops.solve casts other costs to the first
+    sinkhorn_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 
 
 def _load_triton():
@@ -101,28 +99,6 @@ def _load_torch():
     from eotfast.ops import torch_backend
 
     return torch_backend
-
-
-def _torch_auction(device: torch.device):
-    return _load_torch().auction_torch
-
-
-def _cpu_auction(device: torch.device):
-    return _load_cpu().auction_cpu
-
-
-def _triton_auction(device: torch.device):
-    """eotfast::auction_triton; the torch reference for a triton_backend without it."""
-    module = _load_triton()
-    return getattr(module, "auction_triton", None) or _torch_auction(device)
-
-
-def _cuda_auction(device: torch.device):
-    """csrc/cuda has no auction kernel: the Triton one where Triton runs on the device, else
-    the torch reference."""
-    if triton_runs_on(device):
-        return _triton_auction(device)
-    return _torch_auction(device)
 
 
 def _cpu_hint(device: torch.device) -> str:
@@ -165,18 +141,19 @@ BACKENDS: dict[str, Backend] = {
             rank={"cuda": 0, "cpu": 3},  # on CPU tensors: the interpreter, slowest
             runs_on=triton_runs_on,
             hint=_triton_hint,
-            auction=_triton_auction,
+            sinkhorn_dtypes=(torch.float32,),
         ),
         Backend(
             name="cuda",
             load=_load_cuda,
             where="CUDA tensors",
             summary="CUDA kernels (`csrc/cuda/`) on the caller's current stream: cost matrix, "
-            "Sinkhorn with one thread block per problem",
+            "Sinkhorn with one thread block per problem; the auction is the Triton kernel's "
+            "(the torch reference's where Triton cannot run)",
             rank={"cuda": 1},
             runs_on=lambda device: device.type == "cuda" and cuda_extension_available(),
             hint=_cuda_hint,
-            auction=_cuda_auction,
+            sinkhorn_dtypes=(torch.float32,),
         ),
         Backend(
             name="cpu",
@@ -187,7 +164,6 @@ BACKENDS: dict[str, Backend] = {
             rank={"cpu": 0},
             runs_on=lambda device: device.type == "cpu" and cpu_extension_available(),
             hint=_cpu_hint,
-            auction=_cpu_auction,
             unbalanced=True,
         ),
         Backend(
@@ -198,7 +174,6 @@ BACKENDS: dict[str, Backend] = {
             rank={"cuda": 2, "cpu": 1, "*": 0},  # the only one for MPS, XPU, ...
             runs_on=lambda device: True,
             hint=lambda device: "",
-            auction=_torch_auction,
             unbalanced=True,
         ),
     )
@@ -263,10 +238,5 @@ def backend_table() -> str:
 
 
 def backend_ops(backend: str) -> ModuleType:
-    """The module of a resolved backend name: cost_matrix, sinkhorn, draw_partners."""
+    """The module of a resolved backend name: cost_matrix, sinkhorn, draw_partners, auction."""
     return BACKENDS[backend].load()
-
-
-def backend_auction(backend: str, device: torch.device) -> Callable:
-    """The auction op of a resolved backend name for tensors on `device`."""
-    return BACKENDS[backend].auction(torch.device(device))

@@ -1,5 +1,7 @@
-"""From the public functions to a backend's op: argument checks, the shifted Sinkhorn solve,
-batch flattening, and the dispatch through the registry (eotfast.ops.registry)."""
+"""The dispatch: each op of the pairing path on inputs that the public functions have already
+checked, flattened to [B, ...] batches and handed to the resolved backend's op of the same
+name (eotfast.ops.registry.backend_ops). Nothing here re-checks an argument; the ops keep
+only the checks that protect memory (eotfast.ops.common)."""
 
 from __future__ import annotations
 
@@ -7,34 +9,52 @@ import math
 
 import torch
 
-from eotfast._validation import (
-    check_iteration_limit,
-    check_positive,
-    check_tensor,
-    values_checkable,
-)
-from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
-from eotfast.ops.registry import backend_ops, resolve_backend
+from eotfast._validation import check_finite_values, values_checkable
+from eotfast.ops.common import AuctionResult, SinkhornResult
+from eotfast.ops.registry import BACKENDS, backend_ops
 
-__all__ = ["cost_matrix", "draw_partners", "sinkhorn_on_shifted_cost", "solve_sinkhorn"]
+__all__ = ["DEFAULT_RELAXATION", "auction", "cost_matrix", "draw_partners", "sinkhorn"]
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
-    """[..., n, d] x [..., m, d] (leading dimensions broadcast) -> [..., n, m] by the resolved
-    backend's cost_matrix on the flattened [B, n, d] batches."""
+def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str) -> torch.Tensor:
+    """[..., n, d] x [..., m, d] (leading dimensions broadcast) -> [..., n, m] by the backend's
+    cost_matrix on the flattened [B, n, d] batches, with the checks that read values (CPU
+    tensors only): finite points, finite distances."""
     batch_shape = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     (n, d), m = x.shape[-2:], y.shape[-2]
     x = x.expand(*batch_shape, n, d).reshape(-1, n, d)  # [B, n, d]
     y = y.expand(*batch_shape, m, d).reshape(-1, m, d)  # [B, m, d]
+    # torch's GEMM form ("cpu", "torch") carries a NaN or inf coordinate into the cost (the
+    # centring spreads it to every entry), so one pass over the [n, m] cost checks the points
+    # too, against two over the [n, d] inputs (d = 3072: 6x the reads at n = m), and they are
+    # read only to name the culprit. The Triton and CUDA kernels clamp a NaN distance to 0 (a
+    # NaN point gave an all-zero cost): their inputs are checked first.
+    reads_nan = backend in ("cpu", "torch")
+    if not reads_nan:
+        check_finite_values("x", x)
+        check_finite_values("y", y)
     # |x|^2 + |y|^2 - 2 x.y cancels for points far from the origin: at coordinates ~1e5 the
     # float32 distances between nearby points are lost and pair(x, x[perm], "exact") gave the
     # identity. Centring both batches on one point changes no distance and removes it. Half
     # inputs stay as they are: centring them would round them again (the kernels read them
     # exactly), and at their 11-bit precision a far-off batch lost its distances on input.
+    centred_x, centred_y = x, y
     if x.dtype in (torch.float32, torch.float64):
         center = (x.mean(dim=1, keepdim=True) + y.mean(dim=1, keepdim=True)) / 2  # [B, 1, d]
-        x, y = x - center, y - center
-    return backend_ops(backend).cost_matrix(x, y).reshape(*batch_shape, n, m)
+        centred_x, centred_y = x - center, y - center
+    cost = backend_ops(backend).cost_matrix(centred_x, centred_y)  # [B, n, m]
+    if values_checkable(cost) and not bool(torch.isfinite(cost.amax())):
+        if reads_nan:
+            check_finite_values("x", x)
+            check_finite_values("y", y)
+        # Finite points whose squared distances leave the dtype's range (1e20 against -1e20
+        # in float32): say so here, not as a NaN or inf cost in a later step.
+        raise ValueError(
+            f"the squared distances between x and y overflow {cost.dtype} (largest |x| "
+            f"{float(x.abs().amax()):.3g}, largest |y| {float(y.abs().amax()):.3g}): rescale "
+            "the points or pass float64"
+        )
+    return cost.reshape(*batch_shape, n, m)
 
 
 # Over-relaxation after epsilon scaling, measured with backend "cpu" (float32, tol 1e-4,
@@ -44,39 +64,25 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
 DEFAULT_RELAXATION = 1.9
 
 
-def sinkhorn_on_shifted_cost(
-    cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation, reach=None
-):
-    """The public Sinkhorn's arguments checked, epsilon from ``reg``, then
-    :func:`solve_sinkhorn`: returns (result for the shifted cost, shifted cost, offset)."""
-    check_tensor("cost", cost, min_dim=2)
-    reg, relaxation = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
-    reach = check_reach(reach)
-    # The solvers are not differentiable (no autograd formula is registered): work on detached
-    # inputs, so the outputs say so instead of failing in backward.
-    cost = cost.detach()
-    if cost.dtype not in SOLVER_DTYPES:
-        cost = cost.float()
-    backend = resolve_backend(backend, cost.device, unbalanced=not math.isinf(reach))
-    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
-    a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
-    b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
-    epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
-    check_epsilon_range(epsilon, reg, relative_reg)
-    return solve_sinkhorn(
-        cost, a, b, epsilon, backend=backend, max_iter=max_iter, tol=tol, scaling=scaling,
-        relaxation=relaxation, reach=reach,
-    )  # fmt: skip
-
-
-def solve_sinkhorn(
-    cost, a, b, epsilon, *, backend, max_iter, tol, scaling, relaxation, reach,
-    overwrite_cost=False,
-):  # fmt: skip
-    """The resolved backend's Sinkhorn op on checked inputs: cost [..., n, m] (a solver dtype),
-    a [B, n], b [B, m] (B = the batch's size), epsilon [...]; returns (result for the shifted
-    cost, shifted cost, offset [...]). ``overwrite_cost``: the shifted cost is written over
-    ``cost`` (a caller's own buffer; saves a copy of it).
+def sinkhorn(
+    cost: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    *,
+    epsilon: torch.Tensor,
+    backend: str,
+    max_iter: int,
+    tol: float,
+    scaling: float | None,
+    relaxation: float | None,
+    reach: float = math.inf,
+    overwrite_cost: bool = False,
+) -> tuple[SinkhornResult, torch.Tensor, torch.Tensor]:
+    """The backend's Sinkhorn op on cost [..., n, m] (a solver dtype), a [B, n] and b [B, m]
+    (B = the batch's size; None: uniform), epsilon [...]; returns (result for the shifted
+    cost, shifted cost, offset [...]). ``relaxation`` None: DEFAULT_RELAXATION with epsilon
+    scaling, 1 without. ``overwrite_cost``: the shifted cost is written over ``cost`` (a
+    caller's own buffer; saves a copy of it).
 
     A balanced problem is solved on cost - min(cost): the shift leaves the plan and f unchanged
     and lowers g by the offset (iterate by iterate, so POT's sequence is kept). It matters in
@@ -102,83 +108,94 @@ def solve_sinkhorn(
     # coupling and the first iterations settle at once.
     if scaling is None:
         epsilon_start, scaling = epsilon, 0.5  # the plain iteration (scaling then unused)
+        relaxation = 1.0 if relaxation is None else relaxation
     else:
         epsilon_start = torch.maximum(spread, epsilon)
+        relaxation = DEFAULT_RELAXATION if relaxation is None else relaxation
+    batch = batch_shape.numel()
+    if a is None:
+        a = cost.new_full((batch, n), 1.0 / n)
+    if b is None:
+        b = cost.new_full((batch, m), 1.0 / m)
+    # The GPU kernels solve in float32: a float64 problem goes through them cast, its
+    # potentials come back in float64.
+    dtype = cost.dtype
+    if dtype not in BACKENDS[backend].sinkhorn_dtypes:
+        solve_dtype = BACKENDS[backend].sinkhorn_dtypes[0]
+        _check_fits(shifted_cost, solve_dtype, backend)
+    else:
+        solve_dtype = dtype
     f, g, n_iter, error = backend_ops(backend).sinkhorn(
-        shifted_cost.reshape(-1, n, m), a, b, epsilon.reshape(-1), max_iter, float(tol),
-        epsilon_start.reshape(-1), float(scaling), float(relaxation), float(reach),
+        shifted_cost.reshape(-1, n, m).to(solve_dtype), a.to(solve_dtype), b.to(solve_dtype),
+        epsilon.reshape(-1).to(solve_dtype), max_iter=max_iter, tol=float(tol),
+        epsilon_start=epsilon_start.reshape(-1).to(solve_dtype), scaling=float(scaling),
+        relaxation=float(relaxation), reach=float(reach),
     )  # fmt: skip
     result = SinkhornResult(
-        f=f.reshape(*batch_shape, n),
-        g=g.reshape(*batch_shape, m),
+        f=f.to(dtype).reshape(*batch_shape, n),
+        g=g.to(dtype).reshape(*batch_shape, m),
         epsilon=epsilon,
         n_iter=n_iter.reshape(batch_shape),
-        marginal_error=error.reshape(batch_shape),
+        marginal_error=error.to(dtype).reshape(batch_shape),
     )
     return result, shifted_cost, offset
 
 
-def check_reach(reach) -> float:
-    """None (balanced) or rho > 0 of unbalanced OT, in cost units; returned as a float, inf
-    for balanced."""
-    if reach is None:
-        return math.inf
-    if isinstance(reach, bool) or not isinstance(reach, (int, float)) or not reach > 0:
+def _check_fits(cost: torch.Tensor, dtype: torch.dtype, backend: str) -> None:
+    """A cost cast to a backend's narrower dtype keeps its values finite (CPU tensors: the
+    Triton interpreter)."""
+    if values_checkable(cost) and bool(cost.abs().amax() > torch.finfo(dtype).max):
         raise ValueError(
-            f"reach must be None (balanced OT) or a number > 0 (rho of unbalanced OT, in cost "
-            f"units), got {reach!r}"
-        )
-    return float(reach)
-
-
-def check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation) -> tuple[float, float]:
-    """The number arguments of a Sinkhorn solve, checked without the cost (so that pair
-    checks them whichever method it runs); returns (reg, relaxation), None resolved."""
-    reg = check_positive("reg", reg)
-    check_iteration_limit("max_iter", max_iter)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-    if scaling is not None and (
-        isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < 1
-    ):
-        raise ValueError(f"scaling must be None or a number in (0, 1), got {scaling!r}")
-    if relaxation is None:
-        relaxation = DEFAULT_RELAXATION if scaling is not None else 1.0
-    if (
-        isinstance(relaxation, bool)
-        or not isinstance(relaxation, (int, float))
-        or not 1 <= relaxation < 2
-    ):
-        raise ValueError(f"relaxation must be None or a number in [1, 2), got {relaxation!r}")
-    return reg, relaxation
-
-
-def check_epsilon_range(epsilon, reg, relative_reg) -> None:
-    """Every epsilon a positive normal number of the solve dtype: reg = 1e-40, reg = 1e300,
-    or a cost spread of 1e200 (float64) or under 1e-37 (float32) gave f = -inf, g = NaN and
-    pairs all on column 0. Read on CPU tensors only (a GPU read would sync)."""
-    if not values_checkable(epsilon):
-        return
-    info = torch.finfo(epsilon.dtype)
-    low, high = torch.aminmax(epsilon)
-    if not (bool(low >= info.tiny) and bool(high <= info.max)):
-        bad = float(low) if not bool(low >= info.tiny) else float(high)
-        scale = (
-            f"reg x std(cost), std(cost) up to {float(high) / reg:.3g}" if relative_reg else "reg"
-        )
-        raise ValueError(
-            f"reg={reg:g} gives epsilon = {bad:.3g} ({scale}), outside the positive normal "
-            f"range of {epsilon.dtype} [{info.tiny:.3g}, {info.max:.3g}]; choose reg so that "
-            "epsilon is of the order of the costs' spread"
+            f"cost has finite values beyond {str(dtype).removeprefix('torch.')}'s range (largest "
+            f"{float(cost.abs().amax()):.3g}), which backend={backend!r} solves in; use "
+            "backend='cpu' or 'torch' for such costs"
         )
 
 
-def draw_partners(cost, result: SinkhornResult, sampling: str, generator, backend: str):
+def draw_partners(
+    cost: torch.Tensor,
+    result: SinkhornResult,
+    *,
+    sampling: str,
+    generator: torch.Generator | None,
+    backend: str,
+) -> torch.Tensor:
     """A partner per row of [..., n, m] from the plan of ``result`` (potentials solved on this
-    same cost) by the backend's row draw."""
+    same cost) by the backend's row draw: [..., n] int64."""
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
     partners = backend_ops(backend).draw_partners(
         cost.reshape(-1, n, m), result.g.reshape(-1, m), result.epsilon.reshape(-1),
-        sampling, generator,
+        sampling=sampling, generator=generator,
     )  # fmt: skip
     return partners.reshape(*batch_shape, n)
+
+
+def auction(
+    shifted_cost: torch.Tensor,
+    prices: torch.Tensor,
+    *,
+    epsilon_start: torch.Tensor,
+    epsilon_final: torch.Tensor,
+    scaling: float,
+    max_bids: int,
+    backend: str,
+) -> AuctionResult:
+    """The backend's auction op on [..., n, m] costs (n <= m) with [..., m] prices and [...]
+    epsilons of the cost's dtype, flattened to [B, n, m]; epsilon_start is raised to
+    epsilon_final where smaller."""
+    batch_shape, (n, m) = shifted_cost.shape[:-2], shifted_cost.shape[-2:]
+    start = torch.maximum(epsilon_start, epsilon_final)
+    columns, prices, epsilon, n_bids = backend_ops(backend).auction(
+        shifted_cost.reshape(-1, n, m), prices.reshape(-1, m).contiguous(),
+        epsilon_start=start.reshape(-1).contiguous(),
+        epsilon_final=epsilon_final.reshape(-1).contiguous(),
+        scaling=float(scaling), max_bids=int(max_bids),
+    )  # fmt: skip
+    epsilon = epsilon.reshape(batch_shape)
+    return AuctionResult(
+        assignment=columns.reshape(*batch_shape, n),
+        prices=prices.reshape(*batch_shape, m),
+        epsilon=epsilon,
+        n_bids=n_bids.reshape(batch_shape),
+        bound=m * epsilon,
+    )

@@ -6,9 +6,19 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from eotfast._validation import check_finite_values
-from eotfast.ops.common import check_solver_values, register_auction_op, register_sinkhorn_op
+from eotfast.ops.common import (
+    PROBE_ROUNDS,
+    SLOW_RATE,
+    STALL_CHECK_ROUNDS,
+    auction_op,
+    check_auction_arguments,
+    check_sinkhorn_arguments,
+    check_solver_values,
+    sinkhorn_op,
+)
 
 __all__ = [
     "auction",
@@ -36,21 +46,6 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y_sq = torch.linalg.vector_norm(y, dim=-1).square()  # [B, m]
     norms = x_sq[..., :, None] + y_sq[..., None, :]  # [B, n, m]
     return torch.baddbmm(norms, x, y.mT, alpha=-2).clamp_min_(0)
-
-
-# Every this many iterations at the target epsilon, a problem whose marginal error has not
-# decreased since the last check stops over-relaxing (the same rule in every backend).
-STALL_CHECK_ROUNDS = 32
-# Over-relaxation pays only where the plain iteration is slow: each problem first makes
-# PROBE_ROUNDS plain iterations at the target, and relaxes only if its error fell by less than
-# SLOW_RATE per iteration over the second half of them (the first half lets the transient
-# after the annealing pass: measured over rounds 4-8, it turned relaxation off on image costs
-# at n = 1024 and left 1008 iterations where 210 were enough). Measured with backend "cpu": a 6 x 5
-# problem at epsilon = std(cost) converged to 1e-6 in under 20 plain iterations and took 131
-# relaxed ones (w = 1.9 contracts by about w - 1 per iteration), while image costs at n = 1024
-# contract by 0.993 per plain iteration.
-PROBE_ROUNDS = 16
-SLOW_RATE = 0.8
 
 
 def sinkhorn_reference(
@@ -159,17 +154,22 @@ def relax(old: torch.Tensor, new: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return torch.where(plain, new, mixed)
 
 
-def _sinkhorn_checked(
-    cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
-):
+@sinkhorn_op()
+def sinkhorn_torch(
+    cost: Tensor, a: Tensor, b: Tensor, epsilon: Tensor, max_iter: int, tol: float,
+    epsilon_start: Tensor, scaling: float, relaxation: float, reach: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The reference as an op, on any device."""
+    check_sinkhorn_arguments(
+        "sinkhorn_torch", cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
+        relaxation, reach,
+    )  # fmt: skip
     check_solver_values(cost, a, b, reach)
     return sinkhorn_reference(
         cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
 
 
-# eotfast::sinkhorn_torch: the reference as an op.
-sinkhorn_torch = register_sinkhorn_op("torch", _sinkhorn_checked)
 sinkhorn = sinkhorn_torch
 
 
@@ -313,12 +313,18 @@ def auction_reference(cost, prices, epsilon_start, epsilon_final, scaling: float
     return assignment, prices, epsilon, n_bids
 
 
-def _auction_checked(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
+@auction_op()
+def auction_torch(
+    cost: Tensor, prices: Tensor, epsilon_start: Tensor, epsilon_final: Tensor, scaling: float,
+    max_bids: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The reference as an op, on any device."""
+    check_auction_arguments(
+        "auction_torch", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+    )
     check_finite_values("cost", cost)
     check_finite_values("prices", prices)
     return auction_reference(cost, prices, epsilon_start, epsilon_final, scaling, max_bids)
 
 
-# eotfast::auction_torch: the reference as an op.
-auction_torch = register_auction_op("torch", _auction_checked)
 auction = auction_torch

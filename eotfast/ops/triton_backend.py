@@ -10,6 +10,7 @@ small number of nodes. The ops and their fakes reject dtypes the kernels do not 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torch.library import triton_op
 
 from eotfast._validation import check_finite_values, values_checkable
@@ -19,17 +20,19 @@ from eotfast.kernels.draw_partners import launch_draw_partners
 from eotfast.kernels.sinkhorn import launch_sinkhorn
 from eotfast.ops import torch_backend
 from eotfast.ops.common import (
+    auction_op,
+    check_auction_arguments,
     check_point_batch_arguments,
+    check_sinkhorn_arguments,
     check_solver_values,
     empty_sinkhorn_solution,
-    register_auction_op,
-    register_sinkhorn_op,
     require_balanced,
     require_dtype,
-    solve_in_float32,
+    sinkhorn_op,
 )
 
 __all__ = [
+    "auction",
     "auction_triton",
     "cost_matrix",
     "cost_matrix_triton",
@@ -77,41 +80,39 @@ def _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach) -> None:
     )  # fmt: skip
 
 
-def _sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
-    """One launch of kernels/sinkhorn.py on contiguous float32 [B, n, m] problems; every
-    problem runs to its own stop on the device."""
-    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
-    return launch_sinkhorn(
-        cost, a, b, epsilon, max_iter, tol,
-        epsilon_start=epsilon_start, scaling=scaling, relaxation=relaxation,
-    )  # fmt: skip
-
-
-def _sinkhorn_fake(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
-    # float32 in: the outputs are float32 too
+def _sinkhorn_fake(
+    cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+):  # fmt: skip
     _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
     return empty_sinkhorn_solution(
         cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
 
 
-sinkhorn_triton = register_sinkhorn_op("triton", _sinkhorn, _sinkhorn_fake, triton=True)
-_solve_in_float32 = solve_in_float32(sinkhorn_triton)
-
-
-def sinkhorn(cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach):
-    """float32 throughout (the kernel's dtype); results in cost's dtype."""
-    if cost.device.type == "cpu":  # the interpreter: check values as the cpu backend does,
-        check_solver_values(cost, a, b, reach)  # then what the cast leaves of them
-        if cost.dtype == torch.float64 and bool(cost.abs().amax() > torch.finfo(torch.float32).max):
-            raise ValueError(
-                "cost has finite values beyond float32's range (largest "
-                f"{float(cost.abs().amax()):.3g}), which backend='triton' solves in; use "
-                "backend='cpu' or 'torch' for float64 costs this large"
-            )
-    return _solve_in_float32(
-        cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
+@sinkhorn_op(fake=_sinkhorn_fake, triton=True)
+def sinkhorn_triton(
+    cost: Tensor, a: Tensor, b: Tensor, epsilon: Tensor, max_iter: int, tol: float,
+    epsilon_start: Tensor, scaling: float, relaxation: float, reach: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """One launch of kernels/sinkhorn.py on float32 [B, n, m] problems; every problem runs to
+    its own stop on the device. Values are checked on CPU tensors (the interpreter) only, as
+    the other backends do."""
+    check_sinkhorn_arguments(
+        "sinkhorn_triton", cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
+        relaxation, reach,
+    )  # fmt: skip
+    _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
+    check_solver_values(cost, a, b, reach)
+    cost, a, b, epsilon, epsilon_start = (
+        t.contiguous() for t in (cost, a, b, epsilon, epsilon_start)
     )
+    return launch_sinkhorn(
+        cost, a, b, epsilon, max_iter, tol,
+        epsilon_start=epsilon_start, scaling=scaling, relaxation=relaxation,
+    )  # fmt: skip
+
+
+sinkhorn = sinkhorn_triton
 
 
 # ----------------------------------------------------------------------------- draw_partners
@@ -160,10 +161,17 @@ def draw_partners(cost, g, epsilon, sampling: str, generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------- auction
-def _auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
-    """One launch of kernels/auction.py on [B, n, m] problems (n <= m) in float32 or float64
-    (the shared checks hold the dtypes): every problem runs all its phases and stops on the
-    device. Values are checked on CPU tensors (the interpreter) only, as the other ops do."""
+@auction_op(triton=True)
+def auction_triton(
+    cost: Tensor, prices: Tensor, epsilon_start: Tensor, epsilon_final: Tensor, scaling: float,
+    max_bids: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """One launch of kernels/auction.py on [B, n, m] problems (n <= m) in float32 or float64:
+    every problem runs all its phases and stops on the device. Values are checked on CPU
+    tensors (the interpreter) only, as the other ops do."""
+    check_auction_arguments(
+        "auction_triton", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
+    )
     check_finite_values("cost", cost)
     check_finite_values("prices", prices)
     if values_checkable(epsilon_final):
@@ -181,4 +189,4 @@ def _auction(cost, prices, epsilon_start, epsilon_final, scaling, max_bids):
     return launch_auction(*inputs, scaling, max_bids)
 
 
-auction_triton = register_auction_op("triton", _auction, triton=True)
+auction = auction_triton

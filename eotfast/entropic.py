@@ -1,11 +1,21 @@
-"""Log-domain Sinkhorn: the public function (its ops live in eotfast.ops)."""
+"""Entropic optimal transport by log-domain Sinkhorn: the public function (its ops live in
+eotfast.ops)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from eotfast.ops.common import SinkhornResult, epsilon_from_reg
-from eotfast.ops.solve import sinkhorn_on_shifted_cost
+from eotfast._validation import (
+    check_epsilon_range,
+    check_reach,
+    check_sinkhorn_options,
+    check_tensor,
+)
+from eotfast.ops import solve
+from eotfast.ops.common import SOLVER_DTYPES, SinkhornResult, broadcast_marginal, epsilon_from_reg
+from eotfast.ops.registry import resolve_backend
 
 __all__ = ["SinkhornResult", "epsilon_from_reg", "sinkhorn"]
 
@@ -55,8 +65,11 @@ def sinkhorn(
     max_iter : int
         Most iterations per problem (>= 1).
     tol : float
-        A problem stops once ||P^T 1 - b||_2 < tol (POT's ``stopThr`` criterion, tested every
-        iteration here). 0 runs exactly ``max_iter`` iterations.
+        A problem stops once its marginal error sqrt(||P 1 - a||^2 + ||P^T 1 - b||^2) is below
+        tol, tested after every iteration. POT's ``stopThr`` bounds the columns' term alone,
+        the rows being exact after the f update; over-relaxation leaves both inexact, so both
+        count here. It is a norm over all n + m entries, not per entry. 0 runs exactly
+        ``max_iter`` iterations.
     scaling : float in (0, 1) or None
         Epsilon scaling: iteration k runs at max(epsilon, epsilon_start * scaling**k), from
         epsilon_start = the cost's range down to epsilon, carrying f and g over (Kosowsky &
@@ -94,9 +107,24 @@ def sinkhorn(
         is not differentiable: outputs carry no gradient (``result.plan(cost)`` does carry
         one through ``cost``, with the potentials held fixed).
     """
-    result, _, offset = sinkhorn_on_shifted_cost(
-        cost, a, b, reg, relative_reg, max_iter, tol, backend, scaling, relaxation, reach
-    )
+    check_tensor("cost", cost, min_dim=2)
+    reg = check_sinkhorn_options(reg, max_iter, tol, scaling, relaxation)
+    reach = check_reach(reach)
+    # The solvers are not differentiable (no autograd formula is registered): work on detached
+    # inputs, so the outputs say so instead of failing in backward.
+    cost = cost.detach()
+    if cost.dtype not in SOLVER_DTYPES:
+        cost = cost.float()
+    backend = resolve_backend(backend, cost.device, unbalanced=not math.isinf(reach))
+    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
+    a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]
+    b = broadcast_marginal("b", b, batch_shape, m, cost).detach()  # [B, m]
+    epsilon = epsilon_from_reg(cost, reg, relative_reg)  # [...]
+    check_epsilon_range(epsilon, reg, relative_reg)
+    result, _, offset = solve.sinkhorn(
+        cost, a, b, epsilon=epsilon, backend=backend, max_iter=max_iter, tol=tol,
+        scaling=scaling, relaxation=relaxation, reach=reach,
+    )  # fmt: skip
     # The solver worked on cost - min(cost); g takes the offset back. In float32 that sum
     # would round it away (at 1e5 a float32 step is 0.008; plan(cost) then missed the
     # marginals by 7% at epsilon ~0.014 while marginal_error said 2e-4), so the potentials
