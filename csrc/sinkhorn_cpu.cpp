@@ -37,14 +37,6 @@ constexpr int64_t kMinEntriesPerThread = int64_t{1} << 15;
 // Spins before a waiting thread yields its core: a barrier is normally reached within
 // microseconds, but yielding keeps an oversubscribed machine from stalling.
 constexpr int kSpinsBeforeYield = 4096;
-// Over-relaxation stall check interval; the same as the torch reference's
-// STALL_CHECK_ROUNDS (eotfast/ops/torch_backend.py).
-constexpr int64_t kStallCheckIterations = 32;
-// Over-relaxation only where the plain iteration is slow: kProbeIterations plain iterations
-// at the target first, then relaxation if the error fell by less than kSlowRate per
-// iteration over their second half (torch_backend.PROBE_ROUNDS / SLOW_RATE, measured there).
-constexpr int64_t kProbeIterations = 16;
-constexpr double kSlowRate = 0.8;
 
 // Column masses below this are not trusted to a relative precision of the float type (their
 // terms sit near the bottom of the exponent range), and take the exact log-sum-exp path.
@@ -238,7 +230,7 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
   };
   T epsilon = epsilon_of(1);
   // Over-relaxation only at the target epsilon (the annealing iterations are plain), and
-  // only while the error decreases: every kStallCheckIterations there, a problem whose error
+  // only while the error decreases: every kStallCheckRounds there, a problem whose error
   // has not gone below the last check's goes on plain (relaxation amplifies rounding noise:
   // in float32 at epsilon = 1e-3 std(cost) it stalled at 9e-4, the plain iteration at 1e-4).
   bool relaxing = true;
@@ -249,7 +241,7 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
   int64_t target_iterations = 0;  // iterations measured at the target epsilon
   double probe_error = std::numeric_limits<double>::infinity();
   auto relaxation_at = [&](T e) {
-    const bool slow = relaxing && target_iterations >= kProbeIterations;
+    const bool slow = relaxing && target_iterations >= kProbeRounds;
     return e <= p.epsilon && previous_at_target && slow ? static_cast<T>(relaxation) : T(1);
   };
 
@@ -309,12 +301,12 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
     // Every member sums the same partials in the same order, so all take the same branch.
     if (at_target) {
       ++target_iterations;
-      if (target_iterations == kProbeIterations / 2) probe_error = error;
-      if (target_iterations == kProbeIterations &&
-          error < probe_error * std::pow(kSlowRate, kProbeIterations / 2))
+      if (target_iterations == kProbeRounds / 2) probe_error = error;
+      if (target_iterations == kProbeRounds &&
+          error < probe_error * std::pow(kSlowRate, kProbeRounds / 2))
         relaxing = false;
     }
-    if (target_iterations > kProbeIterations && iter % kStallCheckIterations == 0) {
+    if (target_iterations > kProbeRounds && iter % kStallCheckRounds == 0) {
       if (!(error < checkpoint)) relaxing = false;
       checkpoint = error;
     }

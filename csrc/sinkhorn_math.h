@@ -1,7 +1,7 @@
 // Per-element helpers of log-domain Sinkhorn: bit_cast, exp_nonpositive, potential_update and
-// potential_update_from_mass. They are the only code the C++ CPU kernels (sinkhorn_cpu.cpp)
-// and the CUDA kernel (cuda/sinkhorn_cuda.cu, which uses exp_nonpositive and potential_update)
-// share. The loops, reductions, thread layout and float summation order are each backend's
+// potential_update_from_mass, and the over-relaxation rule's constants. They are the only code
+// the C++ CPU kernels (sinkhorn_cpu.cpp) and the CUDA kernel (cuda/sinkhorn_cuda.cu, which uses
+// exp_nonpositive and potential_update) share. The loops, reductions, thread layout and float summation order are each backend's
 // own, and nvcc compiles these helpers with --use_fast_math, so the CPU tests against POT
 // check the shared helpers' source but not the CUDA kernel's results.
 //
@@ -10,7 +10,8 @@
 //   g update  g_j  = epsilon * (log b_j - LSE_i((f_i - C_ij) / epsilon))
 //   f update  f_i  = epsilon * (log a_i - LSE_j((g_j - C_ij) / epsilon))
 // One iteration is a g update followed by an f update, so after it the row marginals are
-// exact and the column marginals carry the remaining error.
+// exact (up to rounding, and unless the update is over-relaxed) and the column marginals carry
+// the remaining error.
 #pragma once
 
 #include <cmath>
@@ -24,6 +25,18 @@
 #endif
 
 namespace eotfast {
+
+// The over-relaxation rule (eotfast/ops/common.py holds these constants and the torch
+// reference states the rule; tests/test_sinkhorn.py::test_relaxation_constants_agree keeps
+// these copies equal to them). A problem makes kProbeRounds plain iterations at the target
+// epsilon and relaxes only if its error fell by less than kSlowRate per iteration over their
+// second half; every kStallCheckRounds iterations there, an error not below the last check's
+// turns relaxation off.
+constexpr int64_t kStallCheckRounds = 32;
+constexpr int64_t kProbeRounds = 16;
+constexpr double kSlowRate = 0.8;
+// kSlowRate^(kProbeRounds / 2), for the CUDA kernel's probe test (0.8^8).
+constexpr double kSlowRatePower = 0.16777216;
 
 // Reinterprets the bits of a float as an integer or back. __builtin_bit_cast (GCC >= 11,
 // Clang, nvcc) keeps the exp loops vectorizable; a memcpy through a local blocks GCC's

@@ -3,15 +3,17 @@
 Iterates as POT's ``ot.bregman.sinkhorn_log`` and the torch reference
 :func:`eotfast.ops.torch_backend.sinkhorn_reference`: from f = 0,
 ``g_j = epsilon (log b_j - LSE_i((f_i - C_ij) / epsilon))`` then
-``f_i = epsilon (log a_i - LSE_j((g_j - C_ij) / epsilon))``; a problem stops once
-``||P^T 1 - b||_2 < tol`` for P = exp((f + g - C) / epsilon) (rows exact after the f update).
+``f_i = epsilon (log a_i - LSE_j((g_j - C_ij) / epsilon))``, each over-relaxed at the target
+epsilon (the reference's rule); a problem stops once
+``sqrt(||P 1 - a||^2 + ||P^T 1 - b||^2) < tol`` for P = exp((f + g - C) / epsilon) (the row
+term is 0 up to rounding when the f update is not relaxed).
 
 The error costs no extra sweep: the column log-sum-exp that updates g also gives the column
-masses of the current plan, ``exp(g_j / epsilon + LSE_i((f_i - C_ij) / epsilon))``. So each
-round
-starts with the column sweep, which measures the plan (f, g) of the previous round and writes
-the new g to ``g_next``; only if that plan misses ``tol`` does the round go on with the row
-sweep (f from g_next), set g = g_next and count.
+masses of the current plan, ``exp(g_j / epsilon + LSE_i((f_i - C_ij) / epsilon))``, and the
+row sweep gives its row masses likewise. So each round starts with the column sweep, which
+measures the plan (f, g) of the previous round and writes the new g to ``g_next``; only if
+that plan misses ``tol`` does the round go on with the row sweep (f from g_next), set
+g = g_next and count.
 
 One launch solves every problem to the end: grid (B, programs). Each problem is shared by
 ``programs`` programs: program p sweeps column blocks p, p + programs, ... and then row blocks
@@ -45,13 +47,16 @@ import triton.language as tl
 from eotfast.kernels._launch import launch, multiprocessor_count, register_cap
 from eotfast.kernels._tiles import load_cost_tile
 
+from eotfast.ops import common as relaxation_rule
+
 # A @triton.jit function may read a module global only if it is a tl.constexpr: the compiler
 # rejects a plain float (the interpreter does not).
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is native
 LN2 = tl.constexpr(0.6931471805599453)
-STALL_CHECK_ROUNDS = tl.constexpr(32)  # = torch_backend.STALL_CHECK_ROUNDS
-PROBE_ROUNDS = tl.constexpr(16)  # = torch_backend.PROBE_ROUNDS
-SLOW_RATE_POWER = tl.constexpr(0.8**8)  # torch_backend.SLOW_RATE ** (PROBE_ROUNDS // 2)
+# The over-relaxation rule's constants, from their one source (eotfast.ops.common).
+STALL_CHECK_ROUNDS = tl.constexpr(relaxation_rule.STALL_CHECK_ROUNDS)
+PROBE_ROUNDS = tl.constexpr(relaxation_rule.PROBE_ROUNDS)
+SLOW_RATE_POWER = tl.constexpr(relaxation_rule.SLOW_RATE ** (relaxation_rule.PROBE_ROUNDS // 2))
 
 
 @triton.jit

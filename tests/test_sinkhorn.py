@@ -1,6 +1,8 @@
 """eotfast.sinkhorn against POT's ot.bregman.sinkhorn_log, on every backend (torch, cpu,
 triton under the interpreter or on a GPU, cuda on a GPU)."""
 
+import importlib.util
+
 import numpy as np
 import ot
 import pytest
@@ -287,3 +289,27 @@ def test_balanced_marginals_must_share_their_mass_but_unbalanced_ones_need_not(r
         eotfast.sinkhorn(cost, a, 2 * b)
     assert torch.isfinite(eotfast.sinkhorn(cost, a, 2 * b, reach=1.0).f).all()
 
+
+def test_relaxation_constants_agree():
+    """The over-relaxation rule has one source, eotfast.ops.common: the torch reference and
+    kernels/sinkhorn.py import its constants; the C++ kernels (CPU and CUDA) read the copies in
+    csrc/sinkhorn_math.h, which must equal them (a backend with other constants converges to
+    the same fixed point but stops after other iteration counts than the reference)."""
+    import re
+    from pathlib import Path
+
+    from eotfast.ops import common
+
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "sinkhorn_math.h").read_text()
+    copies = dict(re.findall(r"constexpr \w+ (k\w+) = ([0-9.]+);", header))
+    assert int(copies["kStallCheckRounds"]) == common.STALL_CHECK_ROUNDS
+    assert int(copies["kProbeRounds"]) == common.PROBE_ROUNDS
+    assert float(copies["kSlowRate"]) == common.SLOW_RATE
+    power = common.SLOW_RATE ** (common.PROBE_ROUNDS // 2)
+    assert float(copies["kSlowRatePower"]) == pytest.approx(power, rel=1e-12)
+    if importlib.util.find_spec("triton") is not None:
+        from eotfast.kernels import sinkhorn as kernel
+
+        assert kernel.PROBE_ROUNDS.value == common.PROBE_ROUNDS
+        assert kernel.STALL_CHECK_ROUNDS.value == common.STALL_CHECK_ROUNDS
+        assert kernel.SLOW_RATE_POWER.value == pytest.approx(power, rel=1e-12)

@@ -18,12 +18,6 @@ namespace {
 // single large problem on one SM: 0.9 ms per iteration at n = 1024 on an H100 (bench/README.md).
 constexpr int kSinkhornThreads = 256;
 constexpr int kWarp = 32;
-// Over-relaxation stall check interval: torch_backend.STALL_CHECK_ROUNDS.
-constexpr int64_t kStallCheckRounds = 32;
-// Over-relaxation only where the plain iteration is slow: torch_backend.PROBE_ROUNDS plain
-// rounds at the target first, relaxed if the error fell by less than SLOW_RATE per round.
-constexpr int64_t kProbeRounds = 16;
-constexpr double kSlowRatePower = 0.16777216;  // SLOW_RATE^(kProbeRounds / 2) = 0.8^8
 
 __device__ __forceinline__ float warp_max(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2)
