@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = evaluate_checkpoint(
                 checkpoint, args.get("eval_size"), device=args.get("device")
             )
-        else:
+        else:  # run: configuration, build, the loop of Trainer.train_step, the end
             metrics = run(config, resume=resume, progress=progress, given=set(args))
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as error:
         print(f"{rank_prefix()}error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""train_step: one optimizer step of the trainer (train.py's default digits configuration),
-with OT pairing inside the compiled step and without it (random partners), so that the share
-of the step spent pairing shows. Also times the pair call alone on the step's batch.
+"""train_step: one optimizer step of the trainer, Trainer.train_step, the step train.py's loop
+takes (its default digits configuration), with OT pairing inside the compiled step and without
+it (random partners), so that the share of the step spent pairing shows. Also times the pair
+call alone on the step's batch.
 
 Target: pairing under 2% of the step with the machine's fastest backend (pair_share).
 Compilation happens in the warm-up rounds, outside the timing.

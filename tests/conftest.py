@@ -102,3 +102,99 @@ def clustered_domains():
         return domain(), domain()
 
     return make
+
+
+# ------------------------------------------------------------------ the trainer (train.py)
+TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+
+# TrainConfig options small enough for a few seconds per run on 2 cores.
+TINY_TRAINING = dict(
+    steps=3, batch_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+    attention_levels=(1,), image_size=16, eval_size=8, sample_steps=2, checkpoint_every=2,
+    log_every=1, compile=False, timesteps=50,
+)  # fmt: skip
+
+# The command-line options of a tiny two-step run (eager, exact pairing).
+TINY_TRAINING_ARGS = ["--steps", "2", "--batch-size", "4", "--base-channels", "8",
+                      "--channel-mults", "1,2", "--attention-levels", "1", "--eval-size", "4",
+                      "--sample-steps", "2", "--timesteps", "50", "--no-compile",
+                      "--no-progress", "--ot", "exact"]  # fmt: skip
+
+
+@pytest.fixture
+def tiny() -> dict:
+    """The options of a tiny training run, as a dict of TrainConfig fields (a copy)."""
+    return dict(TINY_TRAINING)
+
+
+@pytest.fixture
+def tiny_args() -> list[str]:
+    """train.py's options of a tiny two-step run; the first two are ``--steps 2``."""
+    return list(TINY_TRAINING_ARGS)
+
+
+@pytest.fixture
+def tiny_config():
+    """``tiny_config(folder, **overrides)``: the tiny TrainConfig, its run in folder/run."""
+    from eotfast.ddpm.config import TrainConfig
+
+    def make(folder: Path, **overrides):
+        return TrainConfig(**{**TINY_TRAINING, "out_dir": str(folder / "run"), **overrides})
+
+    return make
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(*args)``: train.py in a new interpreter, from the repository root."""
+    import subprocess
+
+    def run(*args, timeout=300):
+        return subprocess.run(
+            [sys.executable, str(TRAIN_PY), *args], capture_output=True, text=True,
+            timeout=timeout, cwd=TRAIN_PY.parent,
+        )  # fmt: skip
+
+    return run
+
+
+@pytest.fixture
+def train_losses():
+    """``train_losses(out_dir)``: {step: loss} of the train records in out_dir/metrics.jsonl."""
+    import json
+
+    def read(out_dir: Path) -> dict[int, float]:
+        lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def train_cli():
+    """train.py as a module, to call its main() in-process (no interpreter start per case)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_cli", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def cli_error(train_cli, capsys):
+    """``cli_error(*args)``: train.py's main in-process; asserts exit code 2 and one line on
+    stderr, and returns that line."""
+
+    def run(*args) -> str:
+        try:
+            code = train_cli.main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    return run

@@ -303,24 +303,31 @@ class Trainer:
             source, target, generator=self.pair_generator, group=self.pair_group
         )
 
-    def apply_gradients(self, loss: torch.Tensor) -> None:
-        """Backward (gradients averaged over processes by DDP), clip, optimizer and scheduler
-        step, EMA update."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.ema.update(self.model)
-        self.step += 1
+    def train_step(self, hold=contextlib.nullcontext) -> torch.Tensor:
+        """One optimizer step: the one :func:`run`'s loop takes and the train_step benchmark
+        times. Returns the loss, [] float32 on the device (no host sync).
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step as :func:`run` takes it; returns the loss (no host sync)."""
+        ``hold`` is a context manager around the update (``run`` passes
+        :meth:`StopSignals.held`, so that a signal waits for the step's end)."""
         self.model.train()
-        source, target = self.next_batch()
-        partner = self.global_partners(source, target) if self.ot_scope == "global" else None
-        loss = self.step_fn(source, target, partner)
-        self.apply_gradients(loss)
+        # -- batch: this process's source and target batches, drawn independently
+        source, target = self.next_batch()  # [B, 3, H, W] each, float32 in [-1, 1]
+        # -- pair + loss: the OT partner of each source, the denoising loss of the partner
+        #    conditioned on its source. Local scope: pairing inside the compiled step_fn;
+        #    global: one OT problem over every process's batch, solved beside it.
+        partner = None
+        if self.ot_scope == "global":
+            partner = self.global_partners(source, target)  # [B, 3, H, W]
+        loss = self.step_fn(source, target, partner)  # [], float32
+        # -- update: the weights, AdamW state, schedule, EMA and step counter move together
+        with hold():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under torchrun, DDP averages the gradients over the processes
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.ema.update(self.model)
+            self.step += 1
         return loss.detach()
 
     def evaluate(self, num_images: int | None = None) -> tuple[dict, torch.Tensor]:
@@ -474,39 +481,201 @@ def run(
     saved ones where they may change (how long, how it executes and is observed); the saved
     data, model, optimizer, diffusion, pairing and seed are kept, and a different value given
     for one of them is reported in one line and ignored."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # the "train" extra (pyproject.toml), imported where the bar is drawn
 
-    # ---------------------------------------------------------------- configuration
-    given_names = config.non_default_fields() if given is None else set(given)
+    # ---------------------------------------------------------------- 1. configuration
     world = launched_world()
-    state = None
+    state = None  # the checkpoint a resumed run continues from
     if resume:
-        out_dir = Path(config.out_dir or TrainConfig.default_out_dir(config.dataset, config.ot))
-        state = load_checkpoint(out_dir / CHECKPOINT_NAME)
-        config, ignored = merge_for_resume(state["config"], config, given_names | {"out_dir"})
-        if ignored and world.is_main:
-            print(
-                f"--resume keeps the checkpoint's data, model, optimizer, diffusion, pairing "
-                f"and seed; ignored: {', '.join(ignored)}",
-                file=sys.stderr,
-            )
-        saved_step = int(state["step"])
-        if config.steps < saved_step:
-            raise ConfigError(
-                f"--steps {config.steps} is below the checkpoint's step {saved_step}: "
-                f"nothing to train; give --steps above {saved_step}, or --evaluate "
-                f"{out_dir / CHECKPOINT_NAME}"
-            )
+        given_names = config.non_default_fields() if given is None else set(given)
+        config, state = resumed_config(config, given_names, world)
     config = config.resolved()
     out_dir = Path(config.out_dir)
-    joined = join(resolve_device(config.device, world))
-    stop = StopSignals()
+    device = resolve_device(config.device, world)
+    main = world.is_main  # rank 0 alone writes files and evaluates
+
+    joined = join(device)  # under torchrun: the process group (NCCL on GPUs, gloo on CPUs)
+    stop = StopSignals()  # Ctrl-C and SIGTERM end the loop below with a checkpoint
+    trainer = None
     try:
-        return _train(config, state, world, out_dir, data, progress, tqdm, stop)
+        # ------------------------------------------------------------------- 2. build
+        check_out_dir(out_dir, world, device)
+        trainer = Trainer(config, data=data, world=world)
+        if state is not None:
+            trainer.load_state_dict(state)
+        files = RunFiles(out_dir, config, trainer) if main else None  # writes config.json
+
+        # -------------------------------------------------------------------- 3. loop
+        bar = tqdm(
+            total=config.steps,
+            initial=trainer.step,
+            disable=not (progress and main),
+            dynamic_ncols=True,
+            desc=f"{config.dataset} {trainer.ot_used}",
+        )
+        # [], the losses summed over the log window on the device: one host read per log line
+        running_loss = torch.zeros((), device=trainer.device)
+        window_steps, window_start = 0, time.perf_counter()
+        with checkpoint_on_stop(trainer, stop, out_dir), bar:
+            while trainer.step < config.steps:
+                # -- step: batch, pair + loss, backward, clip, AdamW, schedule, EMA
+                loss = trainer.train_step(hold=stop.held)  # [], float32
+                running_loss += loss
+                window_steps += 1
+                bar.update(1)
+                last = trainer.step == config.steps
+                # -- log: the mean loss over the window and the processes (one host read)
+                if trainer.step % config.log_every == 0 or last:
+                    mean_loss = float(mean_over_ranks(running_loss, world) / window_steps)
+                    if not math.isfinite(mean_loss):
+                        raise TrainingDiverged(
+                            f"training diverged: the loss became {mean_loss} by step "
+                            f"{trainer.step} (lower --lr or --grad-clip); the last checkpoint "
+                            f"in {out_dir} is kept"
+                        )
+                    if main:
+                        seconds = time.perf_counter() - window_start
+                        files.log(
+                            {
+                                "kind": "train",
+                                "step": trainer.step,
+                                "loss": mean_loss,
+                                "lr": trainer.scheduler.get_last_lr()[0],
+                                "steps_per_s": window_steps / seconds,
+                            }
+                        )
+                    bar.set_postfix(loss=f"{mean_loss:.4f}")
+                    running_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                # -- checkpoint (every process hands its random streams to rank 0)
+                if trainer.step % config.checkpoint_every == 0 and not last:
+                    trainer.save()
+                # -- evaluate (rank 0; the others wait for it at the next step's gradients)
+                evaluating = config.eval_every and trainer.step % config.eval_every == 0
+                if evaluating and not last and main:
+                    files.evaluate(trainer)
+
+        # ----------------------------------------------------------------- 4. the end
+        trainer.save()
+        if not main:
+            return {}
+        metrics = files.evaluate(trainer)
+        files.finish()
+        return metrics
     finally:
         stop.restore()
+        trainer = None  # DistributedDataParallel modules still alive at leave() abort the exit
         if joined:
             leave()
+
+
+def resumed_config(config: TrainConfig, given: set[str], world: World) -> tuple[TrainConfig, dict]:
+    """--resume: the config to continue with (the checkpoint's, with the options named in
+    ``given`` that may change) and the checkpoint of the run in ``config.out_dir``."""
+    out_dir = Path(config.out_dir or TrainConfig.default_out_dir(config.dataset, config.ot))
+    state = load_checkpoint(out_dir / CHECKPOINT_NAME)
+    config, ignored = merge_for_resume(state["config"], config, given | {"out_dir"})
+    if ignored and world.is_main:
+        print(
+            f"--resume keeps the checkpoint's data, model, optimizer, diffusion, pairing "
+            f"and seed; ignored: {', '.join(ignored)}",
+            file=sys.stderr,
+        )
+    saved_step = int(state["step"])
+    if config.steps < saved_step:
+        raise ConfigError(
+            f"--steps {config.steps} is below the checkpoint's step {saved_step}: "
+            f"nothing to train; give --steps above {saved_step}, or --evaluate "
+            f"{out_dir / CHECKPOINT_NAME}"
+        )
+    return config, state
+
+
+def check_out_dir(out_dir: Path, world: World, device: torch.device) -> None:
+    """:func:`prepare_out_dir` on rank 0 (which alone writes files); under torchrun, every
+    process raises when it fails, instead of the others waiting in a collective."""
+    error = None
+    if world.is_main:
+        try:
+            prepare_out_dir(out_dir)
+        except ConfigError as found:
+            error = found
+    if not all_agree(error is None, world, device):
+        raise error or ConfigError(f"rank 0 cannot write to --out-dir {out_dir}")
+
+
+class RunFiles:
+    """What rank 0 writes in the run folder besides the checkpoint: ``config.json`` (the
+    options and what they resolved to), ``metrics.jsonl`` (train and eval records, also sent
+    to Weights & Biases unless --wandb disabled) and the sample grids in ``samples/``."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, trainer: Trainer):
+        self.out_dir = out_dir
+        used = {"ot_used": trainer.ot_used, "device_used": str(trainer.device)}
+        used.update(ot_scope_used=trainer.ot_scope, world_size=trainer.world.size)
+        used["precision_used"] = "bf16" if trainer.autocast is torch.bfloat16 else "fp32"
+        text = json.dumps({**config.to_dict(), **used}, indent=2)
+        (out_dir / "config.json").write_text(text + "\n")
+        self.wandb_run = None
+        if config.wandb != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project="eotfast",
+                config=config.to_dict(),
+                mode=config.wandb,
+                dir=str(out_dir),
+                resume="allow",
+                name=out_dir.name,
+            )
+
+    def log(self, record: dict) -> None:
+        write_json_line(self.out_dir / "metrics.jsonl", record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
+
+    def evaluate(self, trainer: Trainer) -> dict:
+        """The EMA model's metrics, logged, and its sample grid saved; returns the metrics."""
+        metrics, grid = trainer.evaluate()
+        save_grid(grid, self.out_dir / "samples" / f"step_{trainer.step:06d}.png")
+        self.log({"kind": "eval", **metrics})
+        return metrics
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+@contextlib.contextmanager
+def checkpoint_on_stop(trainer: Trainer, stop: StopSignals, out_dir: Path):
+    """Around the training loop: Ctrl-C, torchrun's SIGTERM, or an error, here or on another
+    process (which shows here as a failed collective), ends the run with a checkpoint and a
+    line saying why and where, and is raised on. Collectives fail in backward, before the
+    optimizer step, or after the step is complete, and signals wait for the step's end
+    (:meth:`StopSignals.held`), so the weights, optimizer and EMA are those of step
+    ``trainer.step``: rank 0 writes them, without a collective. A diverged loss writes
+    nothing: its weights are not worth keeping, the last checkpoint stays."""
+    try:
+        yield
+    except TrainingDiverged:
+        raise
+    except BaseException as error:
+        stop.stopping = True  # later signals cannot cut the checkpoint write short
+        reason = (
+            f"stopped by {error}" if isinstance(error, Stopped)
+            else "interrupted" if isinstance(error, KeyboardInterrupt)
+            else "stopped by an error"
+        )  # fmt: skip
+        try:
+            path = trainer.save(collective=False)
+            note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
+        except Exception as failure:  # the disk's or the device's: report the first error
+            note = f"no checkpoint written ({type(failure).__name__}: {failure})"
+        if trainer.world.is_main:
+            print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
+        raise
 
 
 class Stopped(KeyboardInterrupt):
@@ -563,140 +732,6 @@ class StopSignals:
     def restore(self) -> None:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
-
-
-def _train(config, state, world, out_dir, data, progress, tqdm, stop: StopSignals) -> dict:
-    # ------------------------------------------------------------------------ build
-    error = None
-    if world.is_main:  # rank 0 alone writes files
-        try:
-            prepare_out_dir(out_dir)
-        except ConfigError as found:
-            error = found
-    if not all_agree(error is None, world, resolve_device(config.device, world)):
-        raise error or ConfigError(f"rank 0 cannot write to --out-dir {out_dir}")
-    trainer = Trainer(config, data=data, world=world)
-    if state is not None:
-        trainer.load_state_dict(state)
-    main = world.is_main
-    metrics_path = out_dir / "metrics.jsonl"
-    wandb_run = None
-    if main:
-        used = {"ot_used": trainer.ot_used, "device_used": str(trainer.device)}
-        used.update(ot_scope_used=trainer.ot_scope, world_size=world.size)
-        used["precision_used"] = "bf16" if trainer.autocast is torch.bfloat16 else "fp32"
-        text = json.dumps({**config.to_dict(), **used}, indent=2)
-        (out_dir / "config.json").write_text(text + "\n")
-        if config.wandb != "disabled":
-            import wandb
-
-            wandb_run = wandb.init(
-                project="eotfast",
-                config=config.to_dict(),
-                mode=config.wandb,
-                dir=str(out_dir),
-                resume="allow",
-                name=out_dir.name,
-            )
-
-    def log(record: dict) -> None:
-        write_json_line(metrics_path, record)
-        if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def evaluate() -> dict:
-        metrics, grid = trainer.evaluate()
-        save_grid(grid, out_dir / "samples" / f"step_{trainer.step:06d}.png")
-        log({"kind": "eval", **metrics})
-        return metrics
-
-    # ------------------------------------------------------------------------- loop
-    bar = tqdm(
-        total=config.steps,
-        initial=trainer.step,
-        disable=not (progress and main),
-        dynamic_ncols=True,
-        desc=f"{config.dataset} {trainer.ot_used}",
-    )
-    running_loss = torch.zeros((), device=trainer.device)
-    window_steps, window_start = 0, time.perf_counter()
-    try:
-        while trainer.step < config.steps:
-            trainer.model.train()
-            # -- batch: this process's source and target batches, drawn independently
-            source, target = trainer.next_batch()
-            # -- pair + loss: OT partners of the sources, denoising loss. Local scope: pairing
-            #    inside the compiled step; global: one OT problem over every process's batch.
-            partner = None
-            if trainer.ot_scope == "global":
-                partner = trainer.global_partners(source, target)
-            loss = trainer.step_fn(source, target, partner)
-            # -- step: backward (DDP averages the gradients), clip, AdamW, schedule, EMA
-            with stop.held():  # the weights, optimizer, EMA and step counter move together
-                trainer.apply_gradients(loss)
-            running_loss += loss.detach()
-            window_steps += 1
-            bar.update(1)
-            last = trainer.step == config.steps
-            # -- log: the mean loss over the window and the processes (one host read)
-            if trainer.step % config.log_every == 0 or last:
-                mean_loss = float(mean_over_ranks(running_loss, world) / window_steps)
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(
-                        f"training diverged: the loss became {mean_loss} by step "
-                        f"{trainer.step} (lower --lr or --grad-clip); the last checkpoint in "
-                        f"{out_dir} is kept"
-                    )
-                if main:
-                    log(
-                        {
-                            "kind": "train",
-                            "step": trainer.step,
-                            "loss": mean_loss,
-                            "lr": trainer.scheduler.get_last_lr()[0],
-                            "steps_per_s": window_steps / (time.perf_counter() - window_start),
-                        }
-                    )
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-                running_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            # -- checkpoint (every process hands its random streams to rank 0)
-            if trainer.step % config.checkpoint_every == 0 and not last:
-                trainer.save()
-            # -- evaluate (rank 0; the others wait for it at the next step's gradients)
-            if config.eval_every and trainer.step % config.eval_every == 0 and not last and main:
-                evaluate()
-    except TrainingDiverged:
-        raise  # its weights are not worth keeping: the last checkpoint stays
-    except BaseException as error:
-        # Ctrl-C, torchrun's SIGTERM, or an error: here or on another process (which shows
-        # here as a failed collective). Collectives fail in backward, before the optimizer
-        # step, or after the step is complete, and signals wait for the step's end
-        # (StopSignals.held), so the weights, optimizer and EMA are those of step
-        # trainer.step: rank 0 writes them, without a collective.
-        stop.stopping = True
-        bar.close()
-        reason = (
-            f"stopped by {error}" if isinstance(error, Stopped)
-            else "interrupted" if isinstance(error, KeyboardInterrupt)
-            else "stopped by an error"
-        )  # fmt: skip
-        try:
-            path = trainer.save(collective=False)
-            note = f"checkpoint written to {path}; continue with --resume --out-dir {out_dir}"
-        except Exception as failure:  # the disk's or the device's: report the first error
-            note = f"no checkpoint written ({type(failure).__name__}: {failure})"
-        if main:
-            print(f"\n{reason} at step {trainer.step}: {note}", file=sys.stderr)
-        raise
-    bar.close()
-
-    # ---------------------------------------------------------------------- the end
-    trainer.save()
-    metrics = evaluate() if main else {}
-    if wandb_run is not None:
-        wandb_run.finish()
-    return metrics
 
 
 def evaluate_checkpoint(
