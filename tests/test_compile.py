@@ -47,3 +47,19 @@ def test_compiled_pair_has_no_graph_break(method, sampling):
     assert j.shape == (16,) and ((0 <= j) & (j < 16)).all()
     if sampling != "sample":  # deterministic: the compiled pairs are the eager ones
         assert torch.equal(j, call(x0, x1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relative_reg", [True, False])
+def test_compiled_pair_refuses_an_epsilon_out_of_range_as_eager_does(relative_reg):
+    # The public functions skip their checks of values while tracing; the ops check them:
+    # compiled, reg=1e-45 drew pairs from a garbage plan (f = -inf, partners all column 0),
+    # where eager raised a ValueError naming reg.
+    torch._dynamo.reset()
+    x0, x1 = torch.randn(16, 4), torch.randn(16, 4)
+    with pytest.raises(ValueError, match="reg"):
+        eotfast.pair(x0, x1, "sinkhorn", reg=1e-45, relative_reg=relative_reg)
+    compiled = torch.compile(ot_paired_step, fullgraph=True)
+    options = {"reg": 1e-45, "relative_reg": relative_reg}
+    with pytest.raises(ValueError, match="epsilon of problem 0 is .* outside the positive normal"):
+        compiled(x0, x1, "sinkhorn", options)

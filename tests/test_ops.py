@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from oracles import backend_device
+from oracles import assert_refused_eagerly_and_faked, backend_device
 
 import eotfast  # noqa: F401  (registers the CPU and host ops)
 from eotfast.ops import cuda_backend, triton_backend  # noqa: F401  (register theirs)
@@ -149,6 +149,47 @@ def test_sinkhorn_ops_refuse_malformed_arguments_before_any_kernel(op, argument,
         fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in args.values()]
         with pytest.raises((ValueError, TypeError), match=match):
             function(*fake)
+
+
+@pytest.mark.parametrize("op", SINKHORN_OPS)
+@pytest.mark.parametrize(
+    "argument,value",
+    [("epsilon", 0.0), ("epsilon", -1.0), ("epsilon", math.nan), ("epsilon", math.inf),
+     ("epsilon", 1e-45), ("epsilon_start", 0.0), ("epsilon_start", math.nan)],
+)  # fmt: skip
+def test_sinkhorn_ops_refuse_epsilons_that_are_not_positive_normal_numbers(op, argument, value):
+    # One value check per schema, in every backend's op: sinkhorn_cpu accepted
+    # epsilon_start = 0 and sinkhorn_torch a NaN epsilon, and pair(..., reg=1e-45) compiled
+    # (whose edge checks of values are skipped while tracing) drew pairs from a garbage plan.
+    backend = OP_BACKEND[op]
+    device = backend_device(backend)
+    if backend not in eotfast.available_backends(device):
+        pytest.skip(f"backend {backend} cannot run here")
+    if device.type != "cpu":
+        pytest.skip("values are checked on CPU tensors only (reading GPU values would sync)")
+    args = list(sample_inputs(device)[op])
+    position = {"epsilon": 3, "epsilon_start": 6}[argument]
+    args[position] = args[position].clone()
+    args[position][1] = value
+    with pytest.raises(ValueError, match=f"{op}: {argument} of problem 1 is .* outside"):
+        getattr(torch.ops.eotfast, op).default(*args)
+
+
+@pytest.mark.parametrize(
+    "op,bad,match",
+    [
+        ("emd_pot", lambda c, a, b: (c, a[:, :-1], b, 100), r"emd_pot: a must have shape \(2, 9\)"),
+        ("emd_pot", lambda c, a, b: (c, a, b[0], 100), r"emd_pot: b must have shape \(2, 7\)"),
+        ("emd_pot", lambda c, a, b: (c[0], a, b, 100), r"emd_pot: cost must be a non-empty"),
+        ("assignment_scipy", lambda c, a, b: (c[0].mT,), r"assignment_scipy: cost must be a"),
+        ("assignment_scipy", lambda c, a, b: (c,), r"assignment_scipy: .*must have n <= m"),
+    ],
+)  # fmt: skip
+def test_host_ops_refuse_malformed_arguments(op, bad, match):
+    # emd_pot answered a marginal of the wrong length with POT's bare AssertionError, and
+    # assignment_scipy a 2-D cost or n > m with numpy's and scipy's own errors.
+    cost, a, b = sample_inputs(torch.device("cpu"))["emd_pot"][:3]  # [2, 9, 7], [2, 9], [2, 7]
+    assert_refused_eagerly_and_faked(getattr(torch.ops.eotfast, op).default, bad(cost, a, b), match)
 
 
 def test_op_registration_refuses_annotations_that_differ_from_the_schema():

@@ -11,10 +11,12 @@ from typing import NamedTuple
 import torch
 
 from eotfast._validation import (
+    EPSILON_HEADROOM,
     check_finite_values,
     check_marginal_values,
     check_same_device,
     check_tensor,
+    values_checkable,
 )
 
 __all__ = [
@@ -29,9 +31,11 @@ __all__ = [
     "auction_op",
     "broadcast_marginal",
     "check_auction_arguments",
+    "check_cost_batch",
     "check_point_batch_arguments",
     "check_sinkhorn_arguments",
-    "check_solver_values",
+    "check_auction_values",
+    "check_sinkhorn_values",
     "empty_auction_solution",
     "empty_sinkhorn_solution",
     "epsilon_from_reg",
@@ -79,7 +83,11 @@ class SinkhornResult(NamedTuple):
 
     def log_plan(self, cost: torch.Tensor) -> torch.Tensor:
         """log P = (f_i + g_j - C_ij) / epsilon, shape [..., n, m], formed in the potentials'
-        precision and returned in epsilon's (the solve dtype)."""
+        precision and returned in epsilon's (the solve dtype); ``cost`` is the one solved."""
+        expected = (*self.f.shape, self.g.shape[-1])  # [..., n, m]
+        if not isinstance(cost, torch.Tensor) or tuple(cost.shape) != expected:
+            got = tuple(cost.shape) if isinstance(cost, torch.Tensor) else type(cost).__name__
+            raise ValueError(f"cost must be the solved cost, of shape {expected}, got {got}")
         epsilon = self.epsilon[..., None, None]
         log_plan = (self.f[..., :, None] + self.g[..., None, :] - cost) / epsilon
         return log_plan.to(self.epsilon.dtype)
@@ -161,17 +169,22 @@ def check_tensors_like_cost(op: str, cost: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{op}: {name} is on {tensor.device} but cost is on {cost.device}")
 
 
+def check_cost_batch(op: str, cost) -> tuple[int, int, int]:
+    """A non-empty [B, n, m] cost; returns (B, n, m)."""
+    if cost.dim() != 3 or cost.numel() == 0:
+        raise ValueError(
+            f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
+        )
+    return tuple(cost.shape)
+
+
 def check_sinkhorn_arguments(
     op: str, cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
 ) -> None:
     """Shapes, dtypes and devices of a Sinkhorn op's arguments: the ops are public
     (torch.ops.eotfast.sinkhorn_cpu, ...) and pass data pointers to kernels, which must never
     read past a buffer. Metadata only: no device sync, and the fakes run it too."""
-    if cost.dim() != 3 or cost.numel() == 0:
-        raise ValueError(
-            f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
-        )
-    batch, n, m = cost.shape
+    batch, n, m = check_cost_batch(op, cost)
     check_tensors_like_cost(
         op, cost,
         a=(a, (batch, n)), b=(b, (batch, m)),
@@ -256,13 +269,9 @@ def check_auction_arguments(
     """Shapes, dtypes and devices of an auction op's arguments, for the same reason as
     :func:`check_sinkhorn_arguments` (public ops, raw pointers to kernels). Metadata only: no
     value is read, so it costs no device sync and the fakes run it too."""
-    if cost.dim() != 3 or cost.numel() == 0:
-        raise ValueError(
-            f"{op}: cost must be a non-empty [B, n, m] tensor, got {tuple(cost.shape)}"
-        )
+    batch, n, m = check_cost_batch(op, cost)
     if cost.dtype not in SOLVER_DTYPES:
         raise TypeError(f"{op}: cost must be torch.float32 or torch.float64, got {cost.dtype}")
-    batch, n, m = cost.shape
     if n > m:
         raise ValueError(
             f"{op}: cost [B, n, m] must have n <= m (each row gets its own column), got "
@@ -343,14 +352,79 @@ def _op_registration(schema: str, check, fake, device_types, triton: bool):
     return register
 
 
-def check_solver_values(
-    cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reach: float = math.inf
-) -> None:
-    """Finite cost, valid marginals (of equal mass unless unbalanced, reach < inf): called
-    inside the ops, so that compiled callers get the same errors as eager ones (values are read
-    only where that costs no device sync)."""
+# Epsilon's range in a solve: at least RESOLUTION_ROUNDOFFS unit roundoffs of the largest
+# |cost| the op sees (the shifted cost for balanced problems), and at most finfo.max / 1024.
+# Below the first, the rounding of f + g - C, divided by epsilon, makes the plan noise: epsilon
+# 1e-12 on float32 costs of ~0.5 gave rows off by 0.5 with marginal_error 0, and epsilon 0.01
+# on float32 costs of 1e6 gave f = -inf or a NaN error. Above the second, a potential (epsilon
+# times log-masses of up to ~745 in float64) overflows: absolute reg = 1e308 gave a NaN g with
+# a finite error.
+RESOLUTION_ROUNDOFFS = 16
+
+
+def check_sinkhorn_values(op: str, cost, a, b, epsilon, epsilon_start, reach: float) -> None:
+    """The values of a Sinkhorn op's arguments, the one value check of SINKHORN_SCHEMA that
+    every backend's op runs: finite cost, valid marginals (of equal mass unless unbalanced,
+    reach < inf), and every epsilon and epsilon_start within the range a solve in cost's dtype
+    resolves (RESOLUTION_ROUNDOFFS, EPSILON_HEADROOM; an epsilon of 1e-45 or 0 gave f = -inf
+    and pairs drawn from a garbage plan). Inside the ops, so that compiled callers, whose public
+    functions skip their value checks while tracing, get the errors of eager ones; values are
+    read only where that costs no device sync."""
     check_finite_values("cost", cost)
     check_marginal_values(a, b, equal_mass=math.isinf(reach))
+    if not values_checkable(epsilon):
+        return
+    info = torch.finfo(epsilon.dtype)
+    high = info.max / EPSILON_HEADROOM
+    for name, tensor in (("epsilon", epsilon), ("epsilon_start", epsilon_start)):
+        bad = ~((tensor >= info.tiny) & (tensor <= high))  # NaN is bad too
+        if not bool(bad.any()):
+            continue
+        k = int(bad.nonzero()[0, 0])
+        if name == "epsilon":
+            raise ValueError(
+                f"{op}: epsilon of problem {k} is {float(tensor[k]):.3g}, outside the positive "
+                f"normal range of {epsilon.dtype} that a solve takes, [{info.tiny:.3g}, "
+                f"{high:.3g}] (its potentials would overflow above); choose reg so that "
+                "epsilon is of the order of the costs' spread"
+            )
+        # epsilon_start >= epsilon: the annealing starts at the costs' range.
+        raise ValueError(
+            f"{op}: epsilon_start of problem {k} is {float(tensor[k]):.3g}, outside "
+            f"[{info.tiny:.3g}, {high:.3g}]: epsilon scaling starts at the costs' range, and "
+            f"potentials of that size overflow {epsilon.dtype}; rescale the cost (or x and y, "
+            "the points it was formed from), or solve in float64"
+        )
+    largest = cost.abs().amax(dim=(-2, -1))  # [B]
+    resolution = RESOLUTION_ROUNDOFFS * (info.eps / 2) * largest
+    unresolved = epsilon < resolution
+    if bool(unresolved.any()):
+        k = int(unresolved.nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: epsilon of problem {k} is {float(epsilon[k]):.3g}, below the resolution "
+            f"{float(resolution[k]):.3g} of its costs in {epsilon.dtype}: "
+            f"{RESOLUTION_ROUNDOFFS} unit roundoffs of their largest magnitude as solved, "
+            f"{float(largest[k]):.3g} (balanced costs are shifted by their minimum); the plan "
+            "would be rounding noise: choose a larger reg, or solve in float64"
+        )
+
+
+def check_auction_values(op: str, cost, prices, epsilon_start, epsilon_final) -> None:
+    """The values of an auction op's arguments, the one value check of AUCTION_SCHEMA that
+    every backend's op runs (the C++ kernel checks the epsilons again itself): finite cost and
+    prices, finite epsilons with 0 < epsilon_final <= epsilon_start per problem. Read on CPU
+    tensors only (no device sync)."""
+    check_finite_values("cost", cost)
+    check_finite_values("prices", prices)
+    if not values_checkable(epsilon_final):
+        return
+    valid = torch.isfinite(epsilon_start) & (epsilon_final > 0) & (epsilon_start >= epsilon_final)
+    if not bool(valid.all()):
+        k = int((~valid).nonzero()[0, 0])
+        raise ValueError(
+            f"{op}: problem {k} needs finite epsilons with 0 < epsilon_final <= epsilon_start, "
+            f"got epsilon_start={float(epsilon_start[k])}, epsilon_final={float(epsilon_final[k])}"
+        )
 
 
 def broadcast_marginal(

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from eotfast._validation import check_finite_values
 from eotfast.ops.common import (
     auction_op,
     check_auction_arguments,
+    check_auction_values,
     check_sinkhorn_arguments,
-    check_solver_values,
+    check_sinkhorn_values,
     empty_auction_solution,
     empty_sinkhorn_solution,
     sinkhorn_op,
@@ -33,7 +33,7 @@ def sinkhorn_cpu(
         reach,
     )  # fmt: skip
     extension = require_cpu_extension()
-    check_solver_values(cost, a, b, reach)
+    check_sinkhorn_values("sinkhorn_cpu", cost, a, b, epsilon, epsilon_start, reach)
     cost, a, b, epsilon, epsilon_start = (
         t.contiguous() for t in (cost, a, b, epsilon, epsilon_start)
     )
@@ -63,8 +63,7 @@ def auction_cpu(
         "auction_cpu", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
     )
     extension = require_cpu_extension()
-    check_finite_values("cost", cost)
-    check_finite_values("prices", prices)
+    check_auction_values("auction_cpu", cost, prices, epsilon_start, epsilon_final)
     cost, prices, epsilon_start, epsilon_final = (
         t.contiguous() for t in (cost, prices, epsilon_start, epsilon_final)
     )

@@ -8,15 +8,15 @@ import math
 import torch
 from torch import Tensor
 
-from eotfast._validation import check_finite_values
 from eotfast.ops.common import (
     PROBE_ROUNDS,
     SLOW_RATE,
     STALL_CHECK_ROUNDS,
     auction_op,
     check_auction_arguments,
+    check_auction_values,
     check_sinkhorn_arguments,
-    check_solver_values,
+    check_sinkhorn_values,
     sinkhorn_op,
 )
 
@@ -164,7 +164,7 @@ def sinkhorn_torch(
         "sinkhorn_torch", cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling,
         relaxation, reach,
     )  # fmt: skip
-    check_solver_values(cost, a, b, reach)
+    check_sinkhorn_values("sinkhorn_torch", cost, a, b, epsilon, epsilon_start, reach)
     return sinkhorn_reference(
         cost, a, b, epsilon, max_iter, tol, epsilon_start, scaling, relaxation, reach
     )
@@ -322,8 +322,7 @@ def auction_torch(
     check_auction_arguments(
         "auction_torch", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
     )
-    check_finite_values("cost", cost)
-    check_finite_values("prices", prices)
+    check_auction_values("auction_torch", cost, prices, epsilon_start, epsilon_final)
     return auction_reference(cost, prices, epsilon_start, epsilon_final, scaling, max_bids)
 
 

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from eotfast._validation import check_finite_values, values_checkable
 from eotfast.kernels.auction import launch_auction
 from eotfast.kernels.cost_matrix import launch_cost_matrix
 from eotfast.kernels.draw_partners import launch_draw_partners
@@ -22,9 +21,10 @@ from eotfast.ops import torch_backend
 from eotfast.ops.common import (
     auction_op,
     check_auction_arguments,
+    check_auction_values,
     check_point_batch_arguments,
     check_sinkhorn_arguments,
-    check_solver_values,
+    check_sinkhorn_values,
     empty_sinkhorn_solution,
     require_balanced,
     require_dtype,
@@ -102,7 +102,7 @@ def sinkhorn_triton(
         relaxation, reach,
     )  # fmt: skip
     _check_sinkhorn_inputs(cost, a, b, epsilon, epsilon_start, reach)
-    check_solver_values(cost, a, b, reach)
+    check_sinkhorn_values("sinkhorn_triton", cost, a, b, epsilon, epsilon_start, reach)
     cost, a, b, epsilon, epsilon_start = (
         t.contiguous() for t in (cost, a, b, epsilon, epsilon_start)
     )
@@ -172,19 +172,7 @@ def auction_triton(
     check_auction_arguments(
         "auction_triton", cost, prices, epsilon_start, epsilon_final, scaling, max_bids
     )
-    check_finite_values("cost", cost)
-    check_finite_values("prices", prices)
-    if values_checkable(epsilon_final):
-        bad = ~(
-            torch.isfinite(epsilon_start) & (epsilon_final > 0) & (epsilon_start >= epsilon_final)
-        )
-        if bool(bad.any()):
-            k = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"auction_triton: problem {k} needs finite epsilons with 0 < epsilon_final <= "
-                f"epsilon_start, got epsilon_start={float(epsilon_start[k])}, "
-                f"epsilon_final={float(epsilon_final[k])}"
-            )
+    check_auction_values("auction_triton", cost, prices, epsilon_start, epsilon_final)
     inputs = [t.contiguous() for t in (cost, prices, epsilon_start, epsilon_final)]
     return launch_auction(*inputs, scaling, max_bids)
 
