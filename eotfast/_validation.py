@@ -23,6 +23,7 @@ __all__ = [
     "check_reach",
     "check_epsilon_range",
     "check_finite_values",
+    "check_range_fits",
     "check_marginal_values",
     "values_checkable",
 ]
@@ -170,6 +171,11 @@ def check_reach(reach) -> float:
     return float(reach)
 
 
+# The largest epsilon is finfo.max / EPSILON_HEADROOM: a potential is epsilon times log-masses
+# of up to ~745 (float64; ~104 in float32), which must not overflow (eotfast.ops.common).
+EPSILON_HEADROOM = 1024
+
+
 def check_epsilon_range(epsilon: torch.Tensor, reg: float, relative_reg: bool) -> None:
     """Every epsilon a positive normal number of the solve dtype: reg = 1e-40, reg = 1e300,
     or a cost spread of 1e200 (float64) or under 1e-37 (float32) gave f = -inf, g = NaN and
@@ -177,16 +183,18 @@ def check_epsilon_range(epsilon: torch.Tensor, reg: float, relative_reg: bool) -
     if not values_checkable(epsilon):
         return
     info = torch.finfo(epsilon.dtype)
+    largest = info.max / EPSILON_HEADROOM
     low, high = torch.aminmax(epsilon)
-    if not (bool(low >= info.tiny) and bool(high <= info.max)):
+    if not (bool(low >= info.tiny) and bool(high <= largest)):
         bad = float(low) if not bool(low >= info.tiny) else float(high)
         scale = (
             f"reg x std(cost), std(cost) up to {float(high) / reg:.3g}" if relative_reg else "reg"
         )
         raise ValueError(
             f"reg={reg:g} gives epsilon = {bad:.3g} ({scale}), outside the positive normal "
-            f"range of {epsilon.dtype} [{info.tiny:.3g}, {info.max:.3g}]; choose reg so that "
-            "epsilon is of the order of the costs' spread"
+            f"range of {epsilon.dtype} that a solve takes, [{info.tiny:.3g}, {largest:.3g}] "
+            "(its potentials would overflow above); choose reg so that epsilon is of the order "
+            "of the costs' spread"
         )
 
 
@@ -204,6 +212,24 @@ def check_finite_values(name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(low) & torch.isfinite(high)):
         bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
         raise ValueError(f"{name} contains {bad}; every entry must be finite")
+
+
+def check_range_fits(name: str, cost: torch.Tensor) -> None:
+    """Each problem's max - min of a [..., n, m] cost is finite in its dtype: the solvers shift
+    the cost by its minimum, and float32 costs of +-3e38 overflowed there into an inf that was
+    then reported as "cost contains inf"."""
+    if not values_checkable(cost) or not cost.is_floating_point():
+        return
+    low = cost.amin(dim=(-2, -1))
+    high = cost.amax(dim=(-2, -1))
+    overflows = torch.isfinite(low) & torch.isfinite(high) & torch.isinf(high - low)
+    if bool(overflows.any()):  # (NaN and inf entries are named by the solvers' own check)
+        k = int(overflows.flatten().nonzero()[0, 0])
+        raise ValueError(
+            f"{name}'s entries span more than {cost.dtype} holds: from "
+            f"{float(low.flatten()[k]):.3g} to {float(high.flatten()[k]):.3g} in problem {k}, "
+            f"whose difference overflows; rescale {name} or pass float64"
+        )
 
 
 def check_marginal_values(

@@ -12,6 +12,7 @@ import torch
 from eotfast._validation import (
     check_finite_values,
     check_iteration_limit,
+    check_range_fits,
     check_same_device,
     check_tensor,
     values_checkable,
@@ -137,6 +138,7 @@ def _checked_cost(cost, function: str) -> torch.Tensor:
     if cost.dtype not in SOLVER_DTYPES:
         cost = cost.float()
     check_finite_values("cost", cost)
+    check_range_fits("cost", cost)
     return cost
 
 

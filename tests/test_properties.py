@@ -194,6 +194,27 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def epsilon_may_be_unresolved(cost, reg, relative: bool, dtype=None) -> bool:
+    """Whether some problem's epsilon comes near the resolution of its shifted costs in the
+    solve dtype (16 unit roundoffs of max - min, with a factor 2 of slack), below which
+    eotfast refuses the solve naming reg: the plan would be rounding noise. Computed here in
+    float64 from the definition (epsilon = reg * std(cost) per problem, or reg), in `dtype`
+    (default: the one cost is solved in)."""
+    if not isinstance(cost, torch.Tensor) or not cost.is_floating_point() or cost.dim() < 2:
+        return False
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 < reg < math.inf:
+        return False
+    if cost.numel() == 0 or not bool(torch.isfinite(cost).all()):
+        return False
+    entries = cost.double().flatten(-2)  # [..., n * m]
+    spread = entries.amax(-1) - entries.amin(-1)
+    std = entries.std(-1, correction=0)
+    epsilon = reg * torch.where(std > 0, std, 1.0) if relative else torch.full_like(std, reg)
+    if dtype is None:
+        dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
+    return bool((epsilon < 32 * unit_roundoff(dtype) * spread).any())
+
+
 def centred_radius_sq(x64: np.ndarray, y64: np.ndarray) -> np.ndarray:
     """Per problem, the largest squared norms of the points about the centre the library uses
     (the mean of the two batch means), the scale of the GEMM form's rounding, plus the squared
@@ -543,6 +564,8 @@ def _sinkhorn_property(case, backend):
     # Extreme reg, or a cost whose spread puts epsilon outside the normal range: refused
     # naming reg. Half-precision costs at tiny scales may round to a constant.
     may_refuse = {"reg"} if (reg_kind == "extreme" or scale in (1e-6, 1e6)) else set()
+    if epsilon_may_be_unresolved(cost, reg, relative):
+        may_refuse.add("reg")  # below the costs' resolution the plan is noise: refused
     if marginal_dtype in HALF_DTYPES and (a is not None or b is not None):
         may_refuse |= {"a", "b"}  # rounded to 11 or 8 bits, the masses may differ by 1e-3
     check_plan = True
@@ -786,6 +809,12 @@ def _pair_property(case, backend):
     culprits |= sinkhorn_culprits
     if reg_kind == "extreme" or (method == "sinkhorn" and not 1e-6 < scale < 1e6):
         may_refuse.add("reg")
+    if method == "sinkhorn" and isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+        if x.shape == (*batch, n, d) and y.shape == (*batch, m, d) and x.is_floating_point():
+            cost = torch.cdist(x.double(), y.double()).square()  # the costs pair solves
+            solved_in = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if epsilon_may_be_unresolved(cost, reg, relative, solved_in):
+                may_refuse.add("reg")  # below the costs' resolution the plan is noise
     if distances_may_overflow(scale, ratio, d, dtype):
         may_refuse |= {"x", "y"}
 
@@ -866,14 +895,6 @@ def test_absolute_reg_beyond_float32_names_reg(call):
     check_outcome(run, {"reg"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an absolute reg far below the float32 resolution of the cost (epsilon 1e-12 on "
-    "costs ~0.5) is accepted; the returned potentials then do not determine the plan "
-    "(row sums off by 0.5) while the cpu backend reports marginal_error 0; with epsilon "
-    "scaling, epsilon 0.01 on float32 costs of 1e6 gives f = -inf with a finite error, or "
-    "a NaN error (cpu)",
-)
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
 @pytest.mark.parametrize("case", ["reg_1e-12", "cost_1e6", "cost_1e6_marginal"])
 def test_plan_with_epsilon_below_float32_resolution(backend, case):

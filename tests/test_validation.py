@@ -25,6 +25,25 @@ IN_THE_OPS = [
     (lambda b: eotfast.sinkhorn(inf_cost, backend=b), ValueError, "cost contains inf"),
     (lambda b: eotfast.sinkhorn(cost, a=a_bad_mass, backend=b), ValueError, "same total mass"),
     (lambda b: eotfast.sinkhorn(cost, a=a_negative, backend=b), ValueError, "a must be nonneg"),
+    # Epsilons in the normal range that a solve cannot resolve: below 16 unit roundoffs of the
+    # costs (reg=1e-30 in float32, 1e-50 in float64: "cpu" stopped with marginal_error NaN,
+    # "torch" returned a non-finite plan), or a float32 cost range near 1e38 whose annealing
+    # starts there (-inf/NaN potentials with marginal_error inf).
+    (
+        lambda b: eotfast.sinkhorn(cost, reg=1e-30, backend=b),
+        ValueError,
+        "epsilon of problem 0 is .* below the resolution .* choose a larger reg",
+    ),
+    (
+        lambda b: eotfast.sinkhorn(cost.double(), reg=1e-50, backend=b),
+        ValueError,
+        "epsilon of problem 0 is .*(below the resolution|outside the positive normal).* reg",
+    ),
+    (
+        lambda b: eotfast.sinkhorn(cost * 1e38, reg=1.0, relative_reg=False, backend=b),
+        ValueError,
+        "epsilon_start of problem 0 is .* rescale the cost",
+    ),
 ]
 
 # Argument checks made before any backend is chosen: one run each.
@@ -87,6 +106,29 @@ BEFORE_DISPATCH = [
         "batch dimensions of x and y must broadcast",
     ),
     (lambda: eotfast.assignment(inf_cost.mT), ValueError, "cost contains inf"),
+    # absolute reg = 1e308 (float64): a NaN g with a finite error; epsilon times log-masses
+    # must stay finite, so epsilon <= finfo.max / 1024
+    (
+        lambda: eotfast.sinkhorn(cost.double(), reg=1e308, relative_reg=False),
+        ValueError,
+        r"reg=1e\+308 gives epsilon",
+    ),
+    # float32 costs of +-3e38: the shift by the minimum overflowed and was reported as
+    # "cost contains inf"
+    *[
+        (
+            lambda solver=solver: solver(torch.tensor([[3e38, -3e38], [0.0, 1.0]])),
+            ValueError,
+            "cost's entries span more than torch.float32 holds",
+        )
+        for solver in (eotfast.sinkhorn, eotfast.auction, eotfast.assignment)
+    ],
+    # the plan of another cost than the solved one: a raw broadcast error before
+    (
+        lambda: eotfast.sinkhorn(cost).plan(cost[:2]),
+        ValueError,
+        r"cost must be the solved cost, of shape \(8, 6\), got \(2, 6\)",
+    ),
 ]
 
 
