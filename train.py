@@ -25,21 +25,26 @@ import json
 import signal
 import sys
 
-import torch
+# Ctrl-C while torch and the library load (about 1.5 s) ends the program as it does later on
+# (main: exit 130, one line at most), not with a KeyboardInterrupt traceback.
+try:
+    import torch
 
-from eotfast.ddpm.checkpoint import CheckpointError
-from eotfast.ddpm.config import (
-    PER_DATASET_OPTIONS,
-    ConfigError,
-    TrainConfig,
-    bounds_text,
-    example_value,
-    flag,
-    per_dataset_text,
-)
-from eotfast.ddpm.data import DataError
-from eotfast.ddpm.distributed import launched_world
-from eotfast.ddpm.trainer import TrainingDiverged, evaluate_checkpoint, finite_or_none, run
+    from eotfast.ddpm.checkpoint import CheckpointError
+    from eotfast.ddpm.config import (
+        PER_DATASET_OPTIONS,
+        ConfigError,
+        TrainConfig,
+        bounds_text,
+        example_value,
+        flag,
+        per_dataset_text,
+    )
+    from eotfast.ddpm.data import DataError
+    from eotfast.ddpm.distributed import launched_world
+    from eotfast.ddpm.trainer import TrainingDiverged, evaluate_checkpoint, finite_or_none, run
+except KeyboardInterrupt:
+    sys.exit(128 + signal.SIGINT)
 
 # What the command line adds to TrainConfig's fields (not saved with a run).
 COMMAND_OPTIONS = ("resume", "evaluate", "progress")
