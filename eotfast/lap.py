@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,18 +31,21 @@ __all__ = [
     "precision_floor",
 ]
 
-# epsilon_final = RELATIVE_BOUND * (typical assigned cost) * n / m: the bound m * epsilon_final
-# is then about 1e-6 of the optimal total. At most 16 ulps of the cost range is left to
-# rounding: below, C + p is not resolved finely enough for epsilon to mean anything. Measured
-# on n = m = 1024 image costs (bench/_bench_utils.image_batches, d = 3072): range 2088,
-# optimum 511,000 (499 per row), row minima 429 on average; in float32 the floor, 0.0040,
-# applies and the bound is 4.1 (8e-6 of the optimum, 25,189 bids); in float64 the 1e-6 rule
-# gives 4.3e-4 (bound 0.44, 27,410 bids).
+# The auction runs on the reduced problem (reduced_problem): each row minus its minimum, prices
+# minus theirs, both scaled by a power of two to a largest entry near 1. There
+# epsilon_final = RELATIVE_BOUND * (n / m) * mean(reduced cost): the bound m * epsilon_final is
+# 1e-6 of n times the mean excess of an entry over its row's minimum, i.e. of the gap between
+# the expected total of a uniformly random assignment and the sum of the row minima, which
+# bounds the optimum from below. Offsets common to a row (1e6 + U(0, 1): the magnitude-based
+# rule gave a bound of 24, ~n times the spread, and closed 82-93% of the gap to scipy's
+# optimum) do not enter it. At least PRECISION_ULPS ulps of the reduced problem's largest
+# entry are left to rounding: below, C + p is not resolved finely enough for epsilon to mean
+# anything.
 RELATIVE_BOUND = 1e-6
 PRECISION_ULPS = 16
-# The first phase runs at (cost range) / 8, and each next one at SCALING times the last:
-# range / 8 was the fastest start for the C++ kernel on those costs (of range, range / 8,
-# range / 64).
+# The first phase runs at (largest reduced cost) / 8, and each next one at SCALING times the
+# last: range / 8 was the fastest start for the C++ kernel on n = 1024 image costs (of range,
+# range / 8, range / 64).
 START_FRACTION = 1 / 8
 SCALING = 0.2
 # The default cap on bids per problem: 10_000 per column, some 200 times what the tests and
@@ -49,34 +53,89 @@ SCALING = 0.2
 BIDS_PER_COLUMN = 10_000
 
 
-def precision_floor(shifted_cost: torch.Tensor, prices=None) -> torch.Tensor:
-    """16 ulps (16 * finfo.eps) of the larger of the cost range and the largest |price|, per
-    problem (at least the smallest positive normal number): the least epsilon_final that the
-    auction is given. Below it, the rounding of C + p, not epsilon, limits the accuracy, and a
-    bid would only step a price to the next float."""
-    info = torch.finfo(shifted_cost.dtype)
-    magnitude = shifted_cost.amax(dim=(-2, -1))  # the range: shifted_cost's minimum is 0
-    if prices is not None:
-        magnitude = torch.maximum(magnitude, prices.abs().amax(dim=-1))
+class ReducedProblem(NamedTuple):
+    """An assignment problem in the units of what decides its optimum (:func:`reduced_problem`);
+    leading dimensions are the cost's."""
+
+    cost: torch.Tensor  # [..., n, m] (C - row minima) * scale, >= 0
+    prices: torch.Tensor  # [..., m] (p - min p) * scale, >= 0
+    scale: torch.Tensor  # [...] the power of two applied
+    price_offset: torch.Tensor  # [...] min p, in cost units
+
+
+def reduced_problem(cost: torch.Tensor, prices: torch.Tensor | None = None) -> ReducedProblem:
+    """The auction's problem with what cannot change its optimal assignments taken out.
+
+    Each row minus its minimum: every row takes exactly one column (n <= m), so every
+    assignment's total moves by the same constant. Prices minus their minimum: a price common
+    to every column changes no bid. Both times a power of two (exact), which brings the largest
+    entry to [1, 2) where the dtype's exponent range allows: then neither a common offset
+    (1e6 + U(0, 1)), nor large prices, nor a tiny scale (float32 costs of 1e-40, below the
+    normal range) sets the epsilons or the precision floor. One pass over the cost for its row
+    minima and maxima, one to form the reduced cost."""
+    low, high = torch.aminmax(cost, dim=-1, keepdim=True)  # [..., n, 1]
+    spread = (high - low).amax(dim=(-2, -1))  # [...] the reduced cost's largest entry
+    if prices is None:
+        prices = cost.new_zeros(*cost.shape[:-2], cost.shape[-1])
+    price_offset = prices.amin(dim=-1)  # [...]
+    prices = prices - price_offset[..., None]
+    spread = torch.maximum(spread, prices.amax(dim=-1))
+    # spread = mantissa * 2**exponent with the mantissa in [0.5, 1): times 2**(1 - exponent)
+    # it is in [1, 2); the power is clamped to the dtype's normal exponents (float32: 2**-126
+    # to 2**127), so that the scale itself is a finite normal number.
+    info = torch.finfo(cost.dtype)
+    _, exponent = torch.frexp(spread)
+    power = (1 - exponent).clamp(round(math.log2(info.tiny)), math.floor(math.log2(info.max)))
+    scale = torch.ldexp(torch.ones_like(spread), power.to(cost.dtype))  # [...]
+    factor = scale[..., None, None]
+    reduced = torch.addcmul(-low * factor, cost, factor)  # (C - row minima) * scale, one pass
+    return ReducedProblem(reduced, prices * scale[..., None], scale, price_offset)
+
+
+def precision_floor(reduced: ReducedProblem) -> torch.Tensor:
+    """PRECISION_ULPS ulps (16 * finfo.eps) of the larger of the reduced problem's largest cost
+    and price, per problem (at least the smallest positive normal number), in its units: the
+    least epsilon_final that the auction is given. Below it, the rounding of C + p, not
+    epsilon, limits the accuracy, and a bid would only step a price to the next float."""
+    info = torch.finfo(reduced.cost.dtype)
+    magnitude = torch.maximum(reduced.cost.amax(dim=(-2, -1)), reduced.prices.amax(dim=-1))
     return (PRECISION_ULPS * info.eps * magnitude).clamp_min(info.tiny)
 
 
-def default_epsilons(cost: torch.Tensor, shifted_cost: torch.Tensor, prices=None):
-    """(epsilon_start, epsilon_final), shape cost.shape[:-2], of an auction on `shifted_cost`
-    (`cost` minus its minimum, per problem) from initial `prices` (None: zeros).
+def default_epsilons(reduced: ReducedProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(epsilon_start, epsilon_final), shape cost.shape[:-2], of an auction on the reduced
+    problem, in its units (:func:`reduced_problem`).
 
-    epsilon_final = 1e-6 * (n / m) * mean_i |min_j C_ij|: the row minima's mean estimates the
-    optimal total per row from below for nonnegative costs, so the bound m * epsilon_final is
-    at most about 1e-6 of the optimum; raised to :func:`precision_floor` (16 ulps of the cost
-    range).
+    epsilon_final = 1e-6 * (n / m) * mean(reduced cost): the bound m * epsilon_final is 1e-6 of
+    the gap between a uniformly random assignment's expected total and the sum of the row
+    minima (a lower bound of the optimum); raised to :func:`precision_floor`.
 
-    epsilon_start = range / 8, and at least epsilon_final.
+    epsilon_start = the reduced cost's largest entry / 8, and at least epsilon_final.
     """
-    n, m = cost.shape[-2:]
-    typical = cost.amin(dim=-1).abs().mean(dim=-1).to(shifted_cost.dtype)  # [...]
-    final = torch.maximum(RELATIVE_BOUND * (n / m) * typical, precision_floor(shifted_cost, prices))
-    start = torch.maximum(START_FRACTION * shifted_cost.amax(dim=(-2, -1)), final)
+    n, m = reduced.cost.shape[-2:]
+    typical = reduced.cost.mean(dim=(-2, -1))  # [...] mean excess over the row minima
+    final = torch.maximum(RELATIVE_BOUND * (n / m) * typical, precision_floor(reduced))
+    start = torch.maximum(START_FRACTION * reduced.cost.amax(dim=(-2, -1)), final)
     return start, final
+
+
+def solve_reduced(
+    reduced: ReducedProblem, *, epsilon_start, epsilon_final, scaling: float, max_bids: int,
+    backend: str,
+) -> AuctionResult:  # fmt: skip
+    """The auction on a reduced problem, with epsilons in its units; the result in cost units
+    (prices and epsilon unscaled, the price offset added back)."""
+    result = solve.auction(
+        reduced.cost, reduced.prices, epsilon_start=epsilon_start, epsilon_final=epsilon_final,
+        scaling=scaling, max_bids=max_bids, backend=backend,
+    )  # fmt: skip
+    # Unscaled, an epsilon of a problem of tiny costs (float32 costs of 1e-40) may fall below
+    # the smallest subnormal number: rounded up to it, so that the bound stays an upper bound.
+    smallest = torch.finfo(result.epsilon.dtype).tiny * torch.finfo(result.epsilon.dtype).eps
+    epsilon = torch.maximum(result.epsilon / reduced.scale, (result.epsilon > 0) * smallest)
+    prices = result.prices / reduced.scale[..., None] + reduced.price_offset[..., None]
+    m = reduced.cost.shape[-1]
+    return result._replace(prices=prices, epsilon=epsilon, bound=m * epsilon)
 
 
 def _check_number(name: str, value, low: float, high: float) -> float:
@@ -168,8 +227,9 @@ def auction(
     :math:`m \varepsilon` above the optimum (``bound``): exactly optimal for integer costs
     when :math:`m \varepsilon < 1`. Phases run at epsilon_start, times ``scaling`` each,
     down to epsilon, each from the prices of the last. The problem is made square by m - n
-    virtual rows of cost 0 (never stored). The cost is shifted by its minimum first (same
-    optimal assignments, smaller numbers for the float arithmetic).
+    virtual rows of cost 0 (never stored). It runs on the reduced problem
+    (:func:`reduced_problem`: each row minus its minimum, the prices minus theirs, scaled by a
+    power of two; the same optimal assignments, and numbers that hold what decides them).
 
     Parameters
     ----------
@@ -183,12 +243,15 @@ def auction(
         so low :math:`C_{ij} - g_j` marks the columns the row prefers).
     epsilon : float or Tensor of shape (...), optional
         The final epsilon (absolute, in cost units), > 0: ``bound = m * epsilon``. Default
-        (:func:`eotfast.lap.default_epsilons`): 1e-6 of the typical assigned cost per
-        row, times n / m, so the bound is ~1e-6 of the optimal total; never below 16 ulps
-        of the cost range in the cost's dtype (a smaller value given here is raised to it).
+        (:func:`eotfast.lap.default_epsilons`): the bound is 1e-6 of the gap between a
+        uniformly random assignment's expected total and the sum of the row minima (which
+        bounds the optimum from below), whatever offsets the rows or prices share; never
+        below 16 ulps of the largest entry of the cost minus its row minima, or of the
+        prices' spread, in the cost's dtype (a smaller value given here is raised to it).
     epsilon_start : float or Tensor of shape (...), optional
-        Epsilon of the first phase, raised to ``epsilon`` if smaller. Default: the cost
-        range / 8. With good initial prices, a smaller start (their accuracy) saves phases.
+        Epsilon of the first phase, raised to ``epsilon`` if smaller. Default: the largest
+        row range / 8. With good initial prices, a smaller start (their accuracy) saves
+        phases.
     scaling : float in (0, 1)
         Factor between the epsilons of consecutive phases.
     max_bids : int, optional
@@ -222,30 +285,27 @@ def auction(
         max_bids = BIDS_PER_COLUMN * m
     check_iteration_limit("max_bids", max_bids)
     backend = resolve_backend(backend, cost.device)
-    warm = prices is not None
-    prices = _prices_argument(prices, cost)
-    shifted_cost = cost - cost.amin(dim=(-2, -1), keepdim=True)
-    start, final = default_epsilons(cost, shifted_cost, prices if warm else None)
+    reduced = reduced_problem(cost, _prices_argument(prices, cost))
+    start, final = default_epsilons(reduced)
     if epsilon is not None:
-        floor = precision_floor(shifted_cost, prices if warm else None)
-        final = torch.maximum(_epsilon_argument("epsilon", epsilon, cost), floor)
+        epsilon = _epsilon_argument("epsilon", epsilon, cost) * reduced.scale
+        final = torch.maximum(epsilon, precision_floor(reduced))
     if epsilon_start is not None:
-        start = _epsilon_argument("epsilon_start", epsilon_start, cost)
-    return solve.auction(
-        shifted_cost, prices, epsilon_start=start, epsilon_final=final, scaling=scaling,
-        max_bids=max_bids, backend=backend,
+        start = _epsilon_argument("epsilon_start", epsilon_start, cost) * reduced.scale
+    return solve_reduced(
+        reduced, epsilon_start=start, epsilon_final=final, scaling=scaling, max_bids=max_bids,
+        backend=backend,
     )  # fmt: skip
 
 
 def optimal_assignment(cost: torch.Tensor, *, backend: str) -> torch.Tensor:
     """:func:`assignment` on a checked cost (float32 or float64, n <= m, detached): the auction
     with its default epsilons from zero prices."""
-    shifted_cost = cost - cost.amin(dim=(-2, -1), keepdim=True)
-    start, final = default_epsilons(cost, shifted_cost)
-    result = solve.auction(
-        shifted_cost, torch.zeros_like(shifted_cost[..., 0, :]), epsilon_start=start,
-        epsilon_final=final, scaling=SCALING, max_bids=BIDS_PER_COLUMN * cost.shape[-1],
-        backend=backend,
+    reduced = reduced_problem(cost)
+    start, final = default_epsilons(reduced)
+    result = solve_reduced(
+        reduced, epsilon_start=start, epsilon_final=final, scaling=SCALING,
+        max_bids=BIDS_PER_COLUMN * cost.shape[-1], backend=backend,
     )  # fmt: skip
     if values_checkable(result.epsilon) and not bool(result.epsilon.isfinite().all()):
         raise RuntimeError(
@@ -267,13 +327,12 @@ def warm_started_assignment(
     ends after few conflicts (bids against a cold solve: bench/README.md, "The permutation").
     The result is an injection within m * epsilon of the optimal assignment, epsilon being the
     plan's own resolution (reg * std(cost) by default)."""
-    prices = (-sinkhorn_result.g).to(shifted_cost.dtype)
-    epsilon = sinkhorn_result.epsilon.to(shifted_cost.dtype)
-    epsilon = torch.maximum(epsilon, precision_floor(shifted_cost, prices))
-    m = shifted_cost.shape[-1]
-    return solve.auction(
-        shifted_cost, prices, epsilon_start=epsilon, epsilon_final=epsilon, scaling=SCALING,
-        max_bids=BIDS_PER_COLUMN * m, backend=backend,
+    reduced = reduced_problem(shifted_cost, (-sinkhorn_result.g).to(shifted_cost.dtype))
+    epsilon = sinkhorn_result.epsilon.to(shifted_cost.dtype) * reduced.scale
+    epsilon = torch.maximum(epsilon, precision_floor(reduced))
+    return solve_reduced(
+        reduced, epsilon_start=epsilon, epsilon_final=epsilon, scaling=SCALING,
+        max_bids=BIDS_PER_COLUMN * shifted_cost.shape[-1], backend=backend,
     )  # fmt: skip
 
 
@@ -285,9 +344,11 @@ def assignment(cost: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     For square problems with uniform marginals this is also an optimal transport plan (a
     permutation is a vertex of the transport polytope). Solved by the auction algorithm
     (:func:`eotfast.auction` with its defaults) on the cost's device: the
-    total cost is within ``bound`` = m * epsilon of the optimum, about 1e-6 of it by default
-    (exactly optimal on integer costs whenever the bound is below 1); call
-    :func:`eotfast.auction` for the bound, the prices or another epsilon.
+    total cost is within ``bound`` = m * epsilon of the optimum: by default 1e-6 of the gap
+    between a uniformly random assignment's expected total and the sum of the row minima,
+    never below m * 16 ulps of the largest row range in the cost's dtype (exactly optimal on
+    integer costs whenever the bound is below 1); offsets common to a row do not loosen it.
+    Call :func:`eotfast.auction` for the bound, the prices or another epsilon.
 
     Parameters
     ----------

@@ -94,10 +94,11 @@ def pair(
         ``sampling``); stays on the device, no host sync.
         "exact": optimal assignment (:func:`eotfast.assignment`, the auction, needs n <= m):
         distinct targets, the minimal total cost within the auction's bound, on the device:
-        1e-6 of the optimum, but never below m * 16 ulps of the cost range in the cost's
-        dtype (float32: 8e-6 of the optimum on image batches; relatively more when the
-        optimum is tiny next to the range, as for near-identical low-dimensional batches:
-        pass float64 points there).
+        1e-6 of the gap between random partners' expected total and the sum of the row
+        minima, but never below m * 16 ulps of the largest row range in the cost's dtype
+        (float32: 8e-6 of the optimum on image batches; relatively more when the optimum is
+        tiny next to the range, as for near-identical low-dimensional batches: pass float64
+        points there).
         "emd": POT's exact plan (:func:`eotfast.emd`, solved on the host), then drawn from
         its rows like "sinkhorn". "random": uniformly random partners (distinct when
         n <= m), the baseline.
