@@ -117,3 +117,32 @@ def test_assignment_warm_start(benchmark, start, backend, device, n, batch):
     record(benchmark, "assignment_after_sinkhorn", f"eotfast_{backend}_{start}", n, D, batch,
            gap_closed=gap_closed, distinct_targets=1.0, n_bids=out.n_bids.tolist(),
            sinkhorn_epsilon=result.epsilon.tolist())  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("d", [2, D], ids=["points2d", "images"])
+@pytest.mark.parametrize("n", [128, 1024], ids=["n128", "n1024"])
+def test_pair_exact_backend_torch_vs_cpu(benchmark, backend, d, n):
+    """pair(x, y, method="exact") with backend "torch" (the Jacobi auction of
+    eotfast/ops/torch_backend.py, what "auto" runs on MPS) against "cpu" (the C++ kernel), on
+    the CPU, cost matrix included: uniform 2-D points in [0, 1]^2 (near-degenerate costs, long
+    price wars) and image-like batches (d = 3072). Both must reach scipy's optimum within the
+    auction's default bound (~1e-5 of it in float32)."""
+    if d == 2:
+        generator = torch.Generator().manual_seed(0)
+        x, y = (torch.rand(1, n, 2, generator=generator) for _ in range(2))
+    else:
+        x, y = image_batches(n, d, 1)
+
+    def solve():
+        return eotfast.pair(x, y, method="exact", backend=backend, batch_dims=1)
+
+    slow = backend == "torch" and n >= 1024
+    columns = benchmark.pedantic(solve, rounds=1 if slow else 3, iterations=1)[0].numpy()
+    cost64 = eotfast.cost_matrix(x, y, batch_dims=1)[0].double().numpy()
+    total = cost64[np.arange(n), columns].sum()
+    optimal = cost64[linear_sum_assignment(cost64)].sum()
+    assert len(set(columns.tolist())) == n, f"{backend} is not a permutation"
+    assert total <= optimal * (1 + 1e-4), (total, optimal)
+    record(benchmark, "pair_exact", f"eotfast_{backend}", n, d, 1, distinct_targets=1.0,
+           relative_excess=(total - optimal) / optimal)  # fmt: skip

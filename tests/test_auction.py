@@ -570,3 +570,26 @@ def test_auction_triton_inside_torch_compile_fullgraph():
     torch.testing.assert_close(loss, eager_loss)
     assert (result[2].cpu() == torch.tensor(1e-3)).all()
     assert_within_bound(torch.cdist(x, y).pow(2).cpu(), tuple(t.cpu() for t in result))
+
+
+# ----------------------------------------------------------------------------- torch only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,max_bids", [(9, 9, MAX_BIDS), (5, 8, MAX_BIDS), (7, 9, 20)])
+def test_torch_reference_scans_the_same_with_and_without_compaction(dtype, n, m, max_bids):
+    # On CPU tensors the reference gathers the bidders' rows (their indices read by the host);
+    # off the CPU it scans every row with a mask. Both must give the same results: here both
+    # run on the CPU, with a problem that overflows (stopped, epsilon inf) beside two others.
+    from eotfast.ops.torch_backend import auction_reference
+
+    big = torch.finfo(dtype).max
+    cost = torch.rand(3, n, m, dtype=dtype)
+    cost[1] = (0.5 + 0.5 * cost[1]) * big  # C + p overflows from the first bid
+    prices = torch.zeros(3, m, dtype=dtype)
+    prices[1] = 0.6 * big
+    start, final = torch.ones(3, dtype=dtype), torch.full((3,), 1e-3, dtype=dtype)
+    compact = auction_reference(cost, prices, start, final, 0.5, max_bids, compact=True)
+    masked = auction_reference(cost, prices, start, final, 0.5, max_bids, compact=False)
+    for a, b in zip(compact, masked, strict=True):
+        assert torch.equal(a, b)
+    assert_injection(compact[0], m)
+    assert math.isinf(float(compact[2][1]))

@@ -201,7 +201,9 @@ def draw_partners(cost, g, epsilon, sampling: str, generator) -> torch.Tensor:
 AUCTION_POLL_ROUNDS = 64
 
 
-def auction_reference(cost, prices, epsilon_start, epsilon_final, scaling: float, max_bids: int):
+def auction_reference(
+    cost, prices, epsilon_start, epsilon_final, scaling: float, max_bids: int, *, compact=None
+):
     """Pure-PyTorch forward auction with epsilon scaling on [B, n, m] problems (n <= m), Jacobi
     bidding vectorized over the batch and the rows: the reference of the auction ops
     (contract: eotfast.ops.common.AUCTION_SCHEMA), checked against scipy.
@@ -225,82 +227,122 @@ def auction_reference(cost, prices, epsilon_start, epsilon_final, scaling: float
     rounds settle every problem: on CPU tensors the loop ends as soon as all problems have
     finished; on other devices the host reads whether any problem is left every AUCTION_POLL_ROUNDS
     rounds (a sync each; finished problems stay frozen meanwhile, so the result is the same).
+
+    compact: scan only the bidders' cost rows (their indices read by the host, so CPU tensors
+    only: the default there) instead of every row with a mask (the default elsewhere, no sync).
+    Both give the same result (tests/test_auction.py); it is a parameter for that test.
     """
     batch, n, m = cost.shape
     device, dtype = cost.device, cost.dtype
+    on_cpu = device.type == "cpu"
+    compact = on_cpu if compact is None else compact
     inf = torch.tensor(float("inf"), dtype=dtype, device=device)
-    prices = prices.clone()
+    # A round's cost is its number of tensor ops (at n = 128 each takes 5-15 us on a CPU core,
+    # whatever its size), and at n = 1024 the scan of the whole [n, m] cost: the version that
+    # formed C + p for every row, took min and a second amin over it and resolved the columns
+    # with ~45 ops took 0.64 ms a round at n = 128 (1027 rounds on 2-D points: 0.91 s) and
+    # 2.5 ms at n = 1024 (the min over 10^6 entries alone 1.9 ms, topk 3.5 ms). So the state
+    # is flat ([B * m] prices and owners, one row of cost per bidder slot), the bidders' rows
+    # are gathered (on CPU tensors: the tail of a phase has 1-10 bidders), and the phase
+    # bookkeeping runs only in rounds that complete a phase.
+    virtual = m > n  # padding rows exist: one virtual bidder slot per problem, of cost 0
+    slots = n + 1 if virtual else n  # bidder slots per problem: real rows, then the virtual one
+    rows = cost.reshape(batch, n, m)
+    if virtual:
+        rows = torch.cat([rows, rows.new_zeros(batch, 1, m)], dim=1)
+    rows = rows.reshape(batch * slots, m)  # slot s of problem b: rows[b * slots + s]
+    prices = prices.reshape(-1).clone()  # [B * m] (a copy: the input is not modified)
+    owner = torch.full((batch * m,), -1, dtype=torch.int64, device=device)  # n: virtual
     epsilon = torch.maximum(epsilon_start, epsilon_final)  # [B] epsilon of the running phase
-    owner = torch.full((batch, m), -1, dtype=torch.int64, device=device)  # n: a virtual row
     n_bids = torch.zeros(batch, dtype=torch.int64, device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows = torch.arange(n + 1, device=device)  # real rows, then the virtual bidder
-    no_row = n + 1
+    problem_of_slot = torch.arange(batch, device=device).repeat_interleave(slots)
+    slot_index = torch.arange(slots, device=device).repeat(batch)
+    column_base = torch.arange(batch, device=device) * m
+    no_row = slots + 1
+    most_bids = 0  # on the host, compact: at least every problem's n_bids (no op to read it)
     for round_ in range(max_bids):
-        # Rows holding a column: owners scattered into [B, n + 2] (-1 lands on the last slot).
-        holds = torch.zeros(batch, n + 2, dtype=torch.bool, device=device)
-        holds.scatter_(1, torch.where(owner < 0, no_row, owner), True)
-        virtual_free = (m - n) - (owner == n).sum(1)  # [B] unassigned virtual rows
-        bidder = torch.cat([~holds[:, :n], (virtual_free > 0)[:, None]], dim=1)  # [B, n + 1]
+        # Rows holding a column: owners scattered into [B, slots + 1] (-1 on the last slot).
+        held = torch.zeros(batch, slots + 1, dtype=torch.bool, device=device)
+        held.scatter_(1, owner.view(batch, m) % (slots + 1), True)
+        bidder = ~held[:, :slots]
+        if virtual:  # the virtual slot bids while some virtual row holds no column
+            bidder[:, n] = (owner.view(batch, m) == n).sum(1) < m - n
         bidder &= active[:, None]
-        bidder &= bidder.cumsum(1) <= (max_bids - n_bids)[:, None]  # the first rows bid
-        # Bids of the real rows and of the virtual bidder (cost 0): w1, j1, w2.
-        value = cost + prices[:, None, :]  # [B, n, m]
-        w1, j1 = value.min(dim=2)  # first minimum: the lowest column on ties
-        v1, k1 = prices.min(dim=1)
-        if m > 1:
-            w2 = value.scatter(2, j1[..., None], float("inf")).amin(dim=2)
-            v2 = prices.scatter(1, k1[:, None], float("inf")).amin(dim=1)
-        else:
-            w2, v2 = w1, v1
-        w1 = torch.cat([w1, v1[:, None]], dim=1)  # [B, n + 1]
-        w2 = torch.cat([w2, v2[:, None]], dim=1)
-        j1 = torch.cat([j1, k1[:, None]], dim=1)
-        old = prices.gather(1, j1)
+        if not compact or most_bids + slots > max_bids:  # the first rows bid
+            bidder &= bidder.cumsum(1) <= (max_bids - n_bids)[:, None]
+        if compact:  # the bidders only
+            slot = bidder.view(-1).nonzero().squeeze(1)
+            most_bids += slot.numel()
+            valid = None
+        else:  # every slot, the others masked
+            slot = torch.arange(batch * slots, device=device)
+            valid = bidder.view(-1)
+        b, i = problem_of_slot[slot], slot_index[slot]
+        value = rows.index_select(0, slot) + prices.view(batch, m).index_select(0, b)
+        w1, j1 = value.min(dim=1)  # first minimum: the lowest column on ties
+        w2 = value.scatter(1, j1[:, None], float("inf")).amin(dim=1) if m > 1 else w1
+        key = column_base[b] + j1  # [K] the bid's column in the flat [B * m] state
+        old = prices[key]
         # At least the ulp of w1: a smaller rise of p_j1 may not change C_ij1 + p_j1 at all
         # (epsilon below the resolution of C + p), and rows tied there would trade the
         # column up one price ulp a round. Epsilon then acts as that ulp, which the rounding
         # of C + p costs the bound anyway.
         resolution = torch.nextafter(w1.abs(), inf.expand_as(w1)) - w1.abs()
-        bid = old + torch.maximum((w2 - w1) + epsilon[:, None], resolution)
+        bid = old + torch.maximum((w2 - w1) + epsilon[b], resolution)
         # An increment below half the price's ulp rounds away: the next float instead.
         bid = torch.where(bid > old, bid, torch.nextafter(old, inf.expand_as(old)))
         # A bid that is not finite (C + p overflowed, or a NaN cost): the problem stops.
-        healthy = ~(bidder & ~(torch.isfinite(bid) & torch.isfinite(w1))).any(1)
-        bidder &= healthy[:, None]
+        if compact and bool(torch.isfinite(bid).all()) and bool(torch.isfinite(w1).all()):
+            healthy = None
+        else:
+            bad = ~(torch.isfinite(bid) & torch.isfinite(w1))
+            if valid is not None:
+                bad &= valid
+            sick = torch.zeros(batch, dtype=torch.int64, device=device)
+            healthy = sick.index_add_(0, b, bad.long()) == 0  # [B]
+            bidder &= healthy[:, None]
+            valid = healthy[b] if valid is None else valid & healthy[b]
         # Each column takes its highest bid, ties to the lowest row.
-        offer = torch.where(bidder, bid, -inf)
-        target = torch.where(bidder, j1, 0)
-        best = torch.full_like(prices, -inf).scatter_reduce(1, target, offer, "amax")
-        top = bidder & (offer == best.gather(1, target))
-        candidate = torch.where(top, rows, no_row)
-        winner = torch.full_like(owner, no_row).scatter_reduce(1, target, candidate, "amin")
-        won = winner < no_row  # [B, m] columns that received a bid
+        offer = bid if valid is None else torch.where(valid, bid, -inf)
+        best = torch.full_like(prices, -inf).scatter_reduce(0, key, offer, "amax")
+        top = offer == best[key]
+        if valid is not None:
+            top &= valid
+        candidate = torch.where(top, i, no_row)
+        winner = torch.full_like(owner, no_row).scatter_reduce(0, key, candidate, "amin")
+        won = winner < no_row  # [B * m] columns that received a bid
         prices = torch.where(won, best, prices)
         owner = torch.where(won, winner, owner)
         n_bids += bidder.sum(1)
         # A complete phase: the last one finishes the problem, another starts the next.
-        complete = active & (owner >= 0).all(1)
-        done = complete & ~(epsilon > epsilon_final)
-        advance = complete & ~done
-        smaller = epsilon * scaling
-        # A scaling within an ulp of 1 would round epsilon * scaling back to epsilon forever.
-        below = torch.nextafter(epsilon, torch.zeros_like(epsilon))
-        smaller = torch.where(smaller < epsilon, smaller, below)
-        epsilon = torch.where(advance, torch.maximum(epsilon_final, smaller), epsilon)
-        owner = torch.where(advance[:, None], -1, owner)
-        finished |= done
+        complete = active & (owner >= 0).view(batch, m).all(1)
+        if not on_cpu or bool(complete.any()):
+            done = complete & ~(epsilon > epsilon_final)
+            advance = complete & ~done
+            smaller = epsilon * scaling
+            # A scaling within an ulp of 1 would round epsilon * scaling back to epsilon forever.
+            below = torch.nextafter(epsilon, torch.zeros_like(epsilon))
+            smaller = torch.where(smaller < epsilon, smaller, below)
+            epsilon = torch.where(advance, torch.maximum(epsilon_final, smaller), epsilon)
+            owner = torch.where(advance.repeat_interleave(m), -1, owner)
+            finished |= done
+            active &= ~done
+        if healthy is not None:
+            active &= healthy
+        active &= n_bids < max_bids
         # Out of bids (or unhealthy) before the last phase completed: stopped, epsilon inf.
-        active &= ~done & healthy & (n_bids < max_bids)
         # On CPU tensors the loop ends once all problems have; elsewhere the host looks every
         # AUCTION_POLL_ROUNDS rounds (one sync each): this reference is the fallback where no
         # kernel runs (MPS, or CUDA without Triton), and max_bids rounds of it (10^4 m by
         # default) would not end in practice. The pairing path on CUDA takes the Triton kernel.
-        poll = device.type == "cpu" or (round_ + 1) % AUCTION_POLL_ROUNDS == 0
+        poll = on_cpu or (round_ + 1) % AUCTION_POLL_ROUNDS == 0
         if poll and not bool(active.any()):
             break
     # Columns of the real rows; a stopped problem's unassigned rows take the free columns.
+    owner = owner.view(batch, m)
+    prices = prices.view(batch, m)
     real_owner = torch.where((owner >= 0) & (owner < n), owner, n)
     assignment = torch.full((batch, n + 1), -1, dtype=torch.int64, device=device)
     assignment.scatter_(1, real_owner, torch.arange(m, device=device).expand(batch, m))
