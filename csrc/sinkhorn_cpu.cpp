@@ -149,6 +149,18 @@ void column_logsumexp(const T* cost, int64_t n, int64_t m, int64_t j0, int64_t j
   }
   for (int64_t j = j0; j < j1; ++j) lse[j] = col_max[j] * inv_epsilon + std::log(lse[j]);
 }
+
+// The potential of the first row that has one (f is -inf on rows of zero mass), or 0 when
+// none does: the shift of the annealing gauge in solve_problem. Any row's potential is a valid
+// shift, but f[0] was -inf whenever a[0] = 0, and g - inf turned the whole problem into -inf
+// and NaN. Scans past the leading zero-mass rows only, usually none.
+template <class T>
+T gauge_shift(const T* f, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isfinite(f[i])) return f[i];
+  return T(0);
+}
+
 // Sense-counting barrier for a team that meets twice per iteration: a futex-based barrier
 // costs a system call per wait, which at ~0.5 ms per iteration would be measurable.
 class SpinBarrier {
@@ -261,12 +273,15 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
     // image costs, d = 3072), g's incremental float32 update froze and the error stalled at
     // 2.6e-4 at epsilon = 1e-3 std(cost), where the plain iteration reaches 1e-4. Unbalanced
     // problems have no such gauge freedom (the damped updates are not shift-equivariant).
+    // f_0 is that of the first row with mass (gauge_shift): a row of zero mass has f = -inf.
     const bool regauge = balanced && !(epsilon <= p.epsilon);
     const T damping = unbalanced_damping(epsilon, reach);
     double squared_error =
         row_sweep(p.cost, m, i0, i1, g, p.a, epsilon, w, reach, p.f, my_col_mass, my_terms);
     barrier.wait();
 
+    // Read after the barrier: the whole new f is written, the same shift in every member.
+    const T shift = regauge ? gauge_shift(p.f, n) : T(0);
     for (int64_t j = j0; j < j1; ++j) {
       T mass = 0;
       for (int r = 0; r < team_size; ++r) mass += ws.col_mass[r * m + j];
@@ -286,7 +301,7 @@ void solve_problem(const Problem<T>& p, int64_t n, int64_t m, int64_t max_iter, 
       }
       if (w != T(1) && std::isfinite(g_new[j]) && std::isfinite(g[j]))
         g_new[j] = (T(1) - w) * g[j] + w * g_new[j];
-      if (regauge) g_new[j] += p.f[0];
+      if (regauge) g_new[j] += shift;
     }
     partial_squared_error[rank] = squared_error;
     barrier.wait();

@@ -313,3 +313,90 @@ def test_relaxation_constants_agree():
         assert kernel.PROBE_ROUNDS.value == common.PROBE_ROUNDS
         assert kernel.STALL_CHECK_ROUNDS.value == common.STALL_CHECK_ROUNDS
         assert kernel.SLOW_RATE_POWER.value == pytest.approx(power, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- zero mass
+def pot_plan_without_zero_mass(cost, a, b, epsilon, reach):
+    """The oracle for marginals with zero entries: POT solves the problem with those rows and
+    columns removed (a point of zero mass carries none in the plan, and with the entropy taken
+    relative to a b^T it adds nothing to the objective either), and the plan gets zero rows
+    and columns back. POT never sees log(0), so its own handling of it is not under test."""
+    rows, columns = a > 0, b > 0
+    sub_cost, sub_a, sub_b = cost[rows][:, columns], a[rows], b[columns]
+    if np.isinf(reach):
+        # float32 marginals of one mass differ by rounding once in float64 (1e-8), which kept
+        # POT's balanced stopping test above any threshold for all of numItermax (a minute).
+        sub_b = sub_b * (sub_a.sum() / sub_b.sum())
+        sub_plan, *_ = pot_sinkhorn_log(
+            sub_cost, sub_a, sub_b, epsilon, stopThr=1e-14, numItermax=100_000
+        )
+    else:
+        sub_plan = pot_sinkhorn_unbalanced(sub_cost, sub_a, sub_b, epsilon, reach)
+    plan = np.zeros(tuple(cost.shape))
+    plan[np.ix_(rows.numpy(), columns.numpy())] = sub_plan
+    return plan
+
+
+# (zeros of a, zeros of b) of the middle problem of a batch of 3; n = 6, m = 5. The first
+# source (or target) is the case that broke: the C++ kernel's annealing gauge read f[0].
+ZERO_MASS_CASES = {
+    "first_source": ([0], []),
+    "first_target": ([], [0]),
+    "last_source_and_target": ([5], [4]),
+    "several_with_the_first_of_each": ([0, 2, 3], [0, 4]),
+    "all_sources_but_one": ([0, 1, 2, 4, 5], []),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reach", [np.inf, 1.0])
+@pytest.mark.parametrize("case", list(ZERO_MASS_CASES))
+def test_zero_mass_points_carry_no_mass_and_the_rest_matches_pot(
+    backend, device, random_problem, dtype, reach, case
+):
+    n, m, epsilon = 6, 5, 0.1
+    cost, a, b = random_problem((3,), n, m, dtype=torch.float64, uniform=False)
+    zero_a, zero_b = ZERO_MASS_CASES[case]
+    a[1, zero_a] = 0  # only the middle problem: its neighbours must be unaffected too
+    b[1, zero_b] = 0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    if not np.isinf(reach):
+        b = 1.7 * b  # unbalanced: unequal masses
+    cost, a, b = (t.to(dtype) for t in (cost, a, b))
+    if not np.isinf(reach) and backend in ("triton", "cuda"):
+        pytest.skip("unbalanced OT is refused there (test_unbalanced_plan_matches_pot)")
+    arguments = dict(reg=epsilon, relative_reg=False, backend=backend)
+    if not np.isinf(reach):
+        arguments["reach"] = reach
+    precision = solve_dtype(backend, dtype)
+    # The float32 GPU kernels keep f unshifted: with all the mass on one source its f is 20
+    # epsilon, whose rounding alone held triton's error at 1.9e-6 (cpu and torch reach 1e-6).
+    gpu_float32 = backend in ("triton", "cuda")
+    tol = 1e-10 if precision == torch.float64 else 1e-5 if gpu_float32 else 1e-6
+    result = eotfast.sinkhorn(
+        cost.to(device), a.to(device), b.to(device), tol=tol, max_iter=20_000, **arguments
+    )
+    result = eotfast.SinkhornResult(*(t.cpu() for t in result))
+    f, g = result.f.double(), result.g.double()
+    a64, b64 = a.double(), b.double()
+    # Finite potentials wherever there is mass (-inf, the convention, only where there is
+    # none), and an error that is a number below tol: it read NaN with f = -inf everywhere.
+    assert torch.isfinite(f[a > 0]).all(), f
+    assert torch.isfinite(g[b > 0]).all(), g
+    assert (f[a == 0] == -np.inf).all() and (g[b == 0] == -np.inf).all()
+    assert torch.isfinite(result.marginal_error).all(), result.marginal_error
+    assert (result.marginal_error < tol).all(), result.marginal_error
+    plans = result.plan(cost.double()).double()
+    for k in range(3):
+        expected = pot_plan_without_zero_mass(cost[k].double(), a64[k], b64[k], epsilon, reach)
+        atol = 1e-9 if precision == torch.float64 else 3 * tol
+        np.testing.assert_allclose(plans[k].numpy(), expected, atol=atol * expected.max(), rtol=0)
+        # The plan's marginals are within the reported error of their targets (a and b, or
+        # a e^(-F / rho) and b e^(-G / rho) unbalanced), measured here independently.
+        row_target = a64[k] * torch.exp(-(f[k] - epsilon * a64[k].log()) / reach)
+        column_target = b64[k] * torch.exp(-(g[k] - epsilon * b64[k].log()) / reach)
+        row_target = torch.where(a64[k] > 0, row_target, 0.0)
+        column_target = torch.where(b64[k] > 0, column_target, 0.0)
+        measured = torch.cat([plans[k].sum(1) - row_target, plans[k].sum(0) - column_target])
+        slack = 1e-9 if precision == torch.float64 else 2 * tol
+        assert float(measured.norm()) <= float(result.marginal_error[k]) + slack
