@@ -21,6 +21,7 @@ OP_ORDER = [
     "sinkhorn",
     "assignment",
     "assignment_after_sinkhorn",
+    "pair_exact",
     "linear_sum_assignment",
     "pair",
     "torchcfm_sample_plan",

@@ -303,9 +303,11 @@ def optimal_assignment(cost: torch.Tensor, *, backend: str) -> torch.Tensor:
     with its default epsilons from zero prices."""
     reduced = reduced_problem(cost)
     start, final = default_epsilons(reduced)
-    result = solve_reduced(
-        reduced, epsilon_start=start, epsilon_final=final, scaling=SCALING,
-        max_bids=BIDS_PER_COLUMN * cost.shape[-1], backend=backend,
+    # Only the columns are returned: the result stays in the reduced problem's units (epsilon
+    # is inf where the bid cap stopped a problem, whatever the units).
+    result = solve.auction(
+        reduced.cost, reduced.prices, epsilon_start=start, epsilon_final=final,
+        scaling=SCALING, max_bids=BIDS_PER_COLUMN * cost.shape[-1], backend=backend,
     )  # fmt: skip
     if values_checkable(result.epsilon) and not bool(result.epsilon.isfinite().all()):
         raise RuntimeError(
