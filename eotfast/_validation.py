@@ -23,7 +23,7 @@ __all__ = [
     "check_reach",
     "check_epsilon_range",
     "check_finite_values",
-    "check_range_fits",
+    "check_finite_range",
     "check_marginal_values",
     "values_checkable",
 ]
@@ -214,16 +214,18 @@ def check_finite_values(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad}; every entry must be finite")
 
 
-def check_range_fits(name: str, cost: torch.Tensor) -> None:
-    """Each problem's max - min of a [..., n, m] cost is finite in its dtype: the solvers shift
-    the cost by its minimum, and float32 costs of +-3e38 overflowed there into an inf that was
-    then reported as "cost contains inf"."""
+def check_finite_range(name: str, cost: torch.Tensor) -> None:
+    """Finite entries, and each problem's max - min of a [..., n, m] cost finite in its dtype:
+    the solvers shift the cost by its minimum, and float32 costs of +-3e38 overflowed there
+    into an inf that was then reported as "cost contains inf". One pass over the cost for
+    both (the per-problem minimum and maximum also expose NaN and inf)."""
     if not values_checkable(cost) or not cost.is_floating_point():
         return
-    low = cost.amin(dim=(-2, -1))
-    high = cost.amax(dim=(-2, -1))
-    overflows = torch.isfinite(low) & torch.isfinite(high) & torch.isinf(high - low)
-    if bool(overflows.any()):  # (NaN and inf entries are named by the solvers' own check)
+    low, high = torch.aminmax(cost.flatten(-2), dim=-1)  # [...]
+    if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
+        check_finite_values(name, cost)  # raises, naming NaN or inf
+    overflows = torch.isinf(high - low)
+    if bool(overflows.any()):
         k = int(overflows.flatten().nonzero()[0, 0])
         raise ValueError(
             f"{name}'s entries span more than {cost.dtype} holds: from "

@@ -9,7 +9,7 @@ import torch
 
 from eotfast._validation import (
     check_epsilon_range,
-    check_range_fits,
+    check_finite_range,
     check_reach,
     check_sinkhorn_options,
     check_tensor,
@@ -116,7 +116,7 @@ def sinkhorn(
     cost = cost.detach()
     if cost.dtype not in SOLVER_DTYPES:
         cost = cost.float()
-    check_range_fits("cost", cost)  # NaN and inf: the op's check
+    check_finite_range("cost", cost)
     backend = resolve_backend(backend, cost.device, unbalanced=not math.isinf(reach))
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
     a = broadcast_marginal("a", a, batch_shape, n, cost).detach()  # [B, n]

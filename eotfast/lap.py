@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from eotfast._validation import (
+    check_finite_range,
     check_finite_values,
     check_iteration_limit,
-    check_range_fits,
     check_same_device,
     check_tensor,
     values_checkable,
@@ -196,8 +196,7 @@ def _checked_cost(cost, function: str) -> torch.Tensor:
     cost = cost.detach()
     if cost.dtype not in SOLVER_DTYPES:
         cost = cost.float()
-    check_finite_values("cost", cost)
-    check_range_fits("cost", cost)
+    check_finite_range("cost", cost)
     return cost
 
 
