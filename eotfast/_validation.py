@@ -22,6 +22,7 @@ __all__ = [
     "check_sinkhorn_options",
     "check_reach",
     "check_epsilon_range",
+    "assert_in_graph",
     "check_finite_values",
     "check_finite_range",
     "check_marginal_values",
@@ -203,7 +204,26 @@ def values_checkable(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def assert_in_graph(ok: torch.Tensor, message: str) -> None:
+    """A value check while torch.compile traces, where values cannot be read: on CPU tensors a
+    run-time assertion in the graph (torch._assert_async, which compiled graphs keep where
+    they drop an unused custom check op) that raises RuntimeError(message) when the graph
+    runs. Skipped on other devices, as eager skips its reads there: on CUDA it is a device-side
+    assert, which aborts the process's CUDA context."""
+    if ok.device.type == "cpu":
+        torch._assert_async(ok, message)
+
+
 def check_finite_values(name: str, tensor: torch.Tensor) -> None:
+    """Every entry of `tensor` finite, else ValueError naming `name` and NaN or inf. On CPU
+    tensors only (no device sync); traced by torch.compile, a run-time assertion with the
+    same words (assert_in_graph)."""
+    if torch.compiler.is_compiling():
+        if tensor.numel():
+            low, high = torch.aminmax(tensor)
+            ok = torch.isfinite(low) & torch.isfinite(high)
+            assert_in_graph(ok, f"{name} contains NaN or inf; every entry must be finite")
+        return
     if not values_checkable(tensor):
         return
     # min and max propagate NaN and expose +-inf: one reduction pass, where isfinite().all()

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from eotfast._validation import (
+    assert_in_graph,
     check_finite_range,
     check_finite_values,
     check_iteration_limit,
@@ -444,10 +445,11 @@ def linear_sum_assignment(cost, maximize: bool = False, *, backend: str = "auto"
 
     What differs from scipy: batched inputs are accepted; tensors stay tensors on their
     device. On GPU tensors (and under torch.compile) values are not read back: ``+inf`` still
-    forbids a pair whenever an assignment avoids it, but an infeasible problem, NaN or
-    ``-inf`` raise nothing and give an unspecified assignment (still min(n, m) distinct
-    pairs), and a problem stopped by the bid cap is not reported (``eotfast.auction``
-    reports it). Among several optimal assignments, another may be returned than scipy's.
+    forbids a pair whenever an assignment avoids it, but an infeasible problem raises nothing
+    and gives an unspecified assignment (still min(n, m) distinct pairs), and a problem
+    stopped by the bid cap is not reported (``eotfast.auction`` reports it). NaN or ``-inf``
+    raise nothing on GPU tensors either; compiled on CPU tensors they raise RuntimeError when
+    the graph runs. Among several optimal assignments, another may be returned than scipy's.
 
     References
     ----------
@@ -611,6 +613,9 @@ def _solve_on_device(cost: torch.Tensor, maximize: bool, backend: str):
     cost = cost.detach().to(torch.float64)
     if maximize:
         cost = -cost
+    if torch.compiler.is_compiling():  # CPU tensors: scipy's refusal, at run time
+        invalid = torch.isnan(cost) | (cost == -torch.inf)  # -inf: +inf with maximize
+        assert_in_graph(~invalid.any(), "cost contains invalid numeric entries (NaN or -inf)")
     transposed = n > m
     if transposed:
         cost, n, m = cost.mT, m, n

@@ -63,3 +63,48 @@ def test_compiled_pair_refuses_an_epsilon_out_of_range_as_eager_does(relative_re
     options = {"reg": 1e-45, "relative_reg": relative_reg}
     with pytest.raises(ValueError, match="epsilon of problem 0 is .* outside the positive normal"):
         compiled(x0, x1, "sinkhorn", options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("call", ["cost_matrix", "pair"])
+@pytest.mark.parametrize("culprit", ["x", "y"])
+def test_compiled_call_refuses_nonfinite_points_naming_them(call, culprit):
+    # Compiled, cost_matrix returned a NaN cost where eager raised naming x: the public
+    # functions skip their reads of values while tracing. The graph now carries them as
+    # run-time assertions (RuntimeError with eager's words).
+    torch._dynamo.reset()
+    points = {"x": torch.randn(6, 3), "y": torch.randn(5, 3)}
+    points[culprit][2, 1] = float("nan")
+    function = getattr(eotfast, call)
+    with pytest.raises(ValueError, match=f"{culprit} contains NaN"):
+        function(points["x"], points["y"])
+    compiled = torch.compile(function, fullgraph=True)
+    with pytest.raises(RuntimeError, match=f"{culprit} contains NaN or inf"):
+        compiled(points["x"], points["y"])
+
+
+@pytest.mark.slow
+def test_compiled_cost_matrix_refuses_distances_that_overflow():
+    torch._dynamo.reset()
+    x, y = torch.full((2, 3), 3e19), torch.full((2, 3), -3e19)  # squared distances ~1e40
+    with pytest.raises(ValueError, match="squared distances between x and y overflow"):
+        eotfast.cost_matrix(x, y)
+    compiled = torch.compile(eotfast.cost_matrix, fullgraph=True)
+    with pytest.raises(RuntimeError, match="squared distances between x and y overflow"):
+        compiled(x, y)
+
+
+def test_generator_inside_torch_compile_is_refused_naming_it():
+    # dynamo cannot trace a torch.Generator; its own error named neither pair nor generator.
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(0)
+
+    def call(x, y):
+        return eotfast.pair(x, y, "sinkhorn", generator=generator)
+
+    x, y = torch.randn(4, 2), torch.randn(4, 2)
+    with pytest.raises(torch._dynamo.exc.Unsupported) as info:
+        torch.compile(call, fullgraph=True, backend="aot_eager")(x, y)
+    assert "generator must be None inside torch.compile" in str(info.value.__cause__)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        eotfast.pair(x, y, "sinkhorn", generator=0)

@@ -288,6 +288,23 @@ def test_invalid_entries_are_refused_like_scipy(bad, maximize):
             eotfast.linear_sum_assignment(value, maximize=maximize)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bad,maximize", [(np.nan, False), (-INF, False), (np.nan, True), (INF, True)]
+)
+def test_invalid_entries_are_refused_when_compiled(bad, maximize):
+    # Compiled, values are not read while tracing: NaN and -inf gave an arbitrary assignment.
+    torch._dynamo.reset()
+    cost = torch.from_numpy(np.random.default_rng(7).random((4, 5)))
+    cost[2, 3] = bad
+    compiled = torch.compile(eotfast.linear_sum_assignment, fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="cost contains invalid numeric entries"):
+        compiled(cost, maximize)
+    valid = torch.where(cost.isfinite(), cost, 0.5)
+    rows, cols = compiled(valid, maximize)  # and the same graph solves a valid cost
+    assert_matches_scipy(valid.numpy(), rows, cols, maximize=maximize)
+
+
 @pytest.mark.parametrize("n,m", [(6, 6), (5, 8), (8, 5), (20, 20)])
 @pytest.mark.parametrize("integer", [False, True], ids=["float", "int"])
 def test_forbidden_pairs_like_scipy(n, m, integer):
