@@ -8,6 +8,7 @@ is reproducible; tensor values come from a torch.Generator seeded by a drawn int
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 
@@ -173,14 +174,50 @@ def names_argument(message: str, name: str) -> bool:
     return re.search(pattern, message) is not None
 
 
-def check_outcome(call, culprits, may_refuse=(), oracle=None):
-    """Runs `call`. With `culprits` (arguments made invalid) it must raise ValueError or
-    TypeError naming one of them (or of `may_refuse`). Otherwise it returns a result that meets
-    `oracle`, or (for extreme but valid input) raises naming one of `may_refuse`. Anything else
-    propagates."""
+def under_torch_compile(call):
+    """`call` compiled as a training step compiles it, with fullgraph=True. The aot_eager
+    backend runs dynamo's tracing and the ops' fake kernels, which decide which checks run and
+    where, without inductor's code generation (0.2-0.5 s per example instead of seconds)."""
+    torch._dynamo.reset()
+    return torch.compile(call, fullgraph=True, backend="aot_eager")
+
+
+def traced_refusal(error: Exception) -> Exception | None:
+    """The ValueError or TypeError that a function compiled with fullgraph=True raised while
+    dynamo traced it: dynamo reports it as Unsupported ("Observed exception"), caused by an
+    Observed...Error whose message is "raised exception ValueError('...')"."""
+    cause = error.__cause__
+    if not isinstance(cause, torch._dynamo.exc.ObservedException) or not cause.args:
+        return None
+    found = re.fullmatch(r"raised exception (ValueError|TypeError)\((.*)\)", str(cause.args[0]))
+    if found is None:
+        return None
+    kind = ValueError if found[1] == "ValueError" else TypeError
+    return kind(*ast.literal_eval(f"({found[2]},)"))
+
+
+def check_outcome(call, culprits, may_refuse=(), oracle=None, compiled=False):
+    """Runs `call`, under torch.compile(fullgraph=True) if `compiled`. With `culprits`
+    (arguments made invalid) it must raise ValueError or TypeError naming one of them (or of
+    `may_refuse`). Compiled, that error may come from tracing (traced_refusal), or be the
+    RuntimeError of a run-time assertion (eotfast._validation.assert_in_graph), with the same
+    words. Otherwise it returns a result that meets `oracle`, or (for extreme but valid input)
+    raises naming one of `may_refuse`. Anything else propagates."""
+    refusals = (ValueError, TypeError)
+    if compiled:
+        call = under_torch_compile(call)
+        refusals += (RuntimeError,)
     try:
-        result = call()
-    except (ValueError, TypeError) as error:
+        result, error = call(), None
+    except torch._dynamo.exc.Unsupported as unsupported:
+        error = traced_refusal(unsupported)
+        if error is None:
+            raise
+    except refusals as refused:
+        if isinstance(refused, torch._dynamo.exc.TorchDynamoException):
+            raise
+        error = refused
+    if error is not None:
         names = set(culprits) | set(may_refuse) if culprits else set(may_refuse)
         assert names, f"valid input refused: {type(error).__name__}: {error}"
         assert any(names_argument(str(error), name) for name in names), (
@@ -312,23 +349,32 @@ INTERPRETED_ITERATIONS = st.sampled_from([(1, True), (5, True), (0, False)])
 
 
 def property_tests(check, cases, **small):
-    """The two tests of one property, ``check(case, backend)``: 150 examples of ``cases()`` on
-    each compiled backend, and 10 small ones, ``cases(**small)``, on the Triton interpreter
-    (seconds per call)."""
+    """The three tests of one property, ``check(case, backend, compiled)``: 150 examples of
+    ``cases()`` on each compiled backend, 10 small ones, ``cases(**small)``, on the Triton
+    interpreter (seconds per call), and 20 small ones on each compiled backend with the call
+    under torch.compile(fullgraph=True), where the public functions skip their value checks
+    while tracing and the ops must refuse what eager calls refuse."""
 
     @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
     @settings(max_examples=150, **SETTINGS)
     @given(case=cases())
     def compiled(case, backend):
-        check(case, backend)
+        check(case, backend, compiled=False)
 
     @pytest.mark.parametrize("backend", INTERPRETED)
     @settings(max_examples=10, **SETTINGS)
     @given(case=cases(**small))
     def interpreted(case, backend):
-        check(case, backend)
+        check(case, backend, compiled=False)
 
-    return compiled, interpreted
+    @pytest.mark.slow
+    @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+    @settings(max_examples=20, **SETTINGS)
+    @given(case=cases(**small))
+    def under_compile(case, backend):
+        check(case, backend, compiled=True)
+
+    return compiled, interpreted, under_compile
 
 
 # ----------------------------------------------------------------------------- cost_matrix
@@ -353,7 +399,7 @@ def cost_matrix_cases(draw, sizes=sizes, features=features):
     return batch, by, n, m, d, dtype, scale, ratio, fault, draw(seeds)
 
 
-def _cost_matrix_property(case, backend):
+def _cost_matrix_property(case, backend, compiled):
     batch, by, n, m, d, dtype, scale, ratio, fault, seed = case
     gen = torch.Generator().manual_seed(seed)
     x = points((*batch, n, d), scale, ratio * scale, dtype, gen)
@@ -408,10 +454,11 @@ def _cost_matrix_property(case, backend):
         culprits,
         may_refuse={"x", "y"} if distances_may_overflow(scale, ratio, d, dtype) else (),
         oracle=oracle,
+        compiled=compiled,
     )
 
 
-test_cost_matrix, test_cost_matrix_interpreted = property_tests(
+test_cost_matrix, test_cost_matrix_interpreted, test_cost_matrix_under_compile = property_tests(
     _cost_matrix_property, cost_matrix_cases, sizes=st.integers(1, 4), features=st.integers(1, 4)
 )
 
@@ -522,7 +569,7 @@ def assert_sinkhorn_result(result, cost, a, b, batch, n, m, max_iter, backend, c
     assert bool((column_error <= limit)[checked].all()), ("columns", column_error, error, slack)
 
 
-def _sinkhorn_property(case, backend):
+def _sinkhorn_property(case, backend, compiled):
     (batch, n, m, dtype, shape_kind, scale, ratio, a_kind, b_kind, marginal_dtype,
      reg, reg_kind, relative, max_iter, iter_ok, tol, tol_ok, cost_fault, bad_backend,
      seed) = case  # fmt: skip
@@ -585,10 +632,11 @@ def _sinkhorn_property(case, backend):
         culprits,
         may_refuse=may_refuse,
         oracle=oracle,
+        compiled=compiled,
     )
 
 
-test_sinkhorn, test_sinkhorn_interpreted = property_tests(
+test_sinkhorn, test_sinkhorn_interpreted, test_sinkhorn_under_compile = property_tests(
     _sinkhorn_property, sinkhorn_cases, sizes=st.integers(1, 4), iterations=INTERPRETED_ITERATIONS
 )
 
@@ -751,7 +799,7 @@ def pair_cases(draw, sizes=sizes, features=features, iterations=ITERATION_LIMITS
             max_iter, iter_ok, tol, tol_ok, fault, draw(seeds))  # fmt: skip
 
 
-def _pair_property(case, backend):
+def _pair_property(case, backend, compiled):
     (batch, n, m, d, dtype, scale, ratio, method, sampling, reg, reg_kind, relative,
      max_iter, iter_ok, tol, tol_ok, fault, seed) = case  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
@@ -781,6 +829,8 @@ def _pair_property(case, backend):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if not bool(torch.isfinite(value).all()):
                 culprits.add(name)
+                if compiled:  # the points' assertions and the solver op's refusal of the
+                    culprits.add("cost")  # cost are both in the graph, in either order
     if method == "hungarian":
         culprits.add("method")
     if sampling == "top1":
@@ -821,7 +871,7 @@ def _pair_property(case, backend):
             if epsilon_may_be_unresolved(cost, reg, relative, solved_in):
                 may_refuse.add("reg")  # below the costs' resolution the plan is noise
     if distances_may_overflow(scale, ratio, d, dtype):
-        may_refuse |= {"x", "y"}
+        may_refuse |= {"x", "y", "cost"} if compiled else {"x", "y"}
 
     def oracle(j):
         check_partners(j, batch, n, m)
@@ -833,7 +883,8 @@ def _pair_property(case, backend):
             atol = 2 * n * cost_tolerance(x, y, compute) + assignment_bound(cost64, compute)
             assert_optimal_assignment(j, cost64, rtol=0.0, atol=atol)
 
-    generator = torch.Generator().manual_seed(seed)
+    # dynamo cannot trace a torch.Generator: compiled, the draw takes the global one.
+    generator = None if compiled else torch.Generator().manual_seed(seed)
     options = dict(reg=reg, relative_reg=relative, max_iter=max_iter, tol=tol, backend=backend)
     options["batch_dims"] = len(batch)  # leading dimensions: independent problems
     check_outcome(
@@ -841,10 +892,11 @@ def _pair_property(case, backend):
         culprits,
         may_refuse=may_refuse,
         oracle=oracle,
+        compiled=compiled,
     )
 
 
-test_pair, test_pair_interpreted = property_tests(
+test_pair, test_pair_interpreted, test_pair_under_compile = property_tests(
     _pair_property, pair_cases,
     sizes=st.integers(1, 4), features=st.integers(1, 4), iterations=INTERPRETED_ITERATIONS,
 )  # fmt: skip
