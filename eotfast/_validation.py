@@ -23,6 +23,7 @@ __all__ = [
     "check_reach",
     "check_epsilon_range",
     "assert_in_graph",
+    "asserts_in_graph",
     "check_finite_values",
     "check_finite_range",
     "check_marginal_values",
@@ -204,21 +205,26 @@ def values_checkable(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def asserts_in_graph(tensor: torch.Tensor) -> bool:
+    """True while torch.compile traces CPU tensors: there a check that reads values (which
+    tracing cannot) becomes a run-time assertion in the graph (assert_in_graph). Not on other
+    devices, where eager skips those reads too: on CUDA it would be a device-side assert,
+    which aborts the process's CUDA context."""
+    return tensor.device.type == "cpu" and torch.compiler.is_compiling()
+
+
 def assert_in_graph(ok: torch.Tensor, message: str) -> None:
-    """A value check while torch.compile traces, where values cannot be read: on CPU tensors a
-    run-time assertion in the graph (torch._assert_async, which compiled graphs keep where
-    they drop an unused custom check op) that raises RuntimeError(message) when the graph
-    runs. Skipped on other devices, as eager skips its reads there: on CUDA it is a device-side
-    assert, which aborts the process's CUDA context."""
-    if ok.device.type == "cpu":
-        torch._assert_async(ok, message)
+    """RuntimeError(message) when the compiled graph runs and `ok` (a bool tensor) is False:
+    torch._assert_async, which compiled graphs keep where they drop a custom check op whose
+    output is unused. Only where asserts_in_graph."""
+    torch._assert_async(ok, message)
 
 
 def check_finite_values(name: str, tensor: torch.Tensor) -> None:
     """Every entry of `tensor` finite, else ValueError naming `name` and NaN or inf. On CPU
     tensors only (no device sync); traced by torch.compile, a run-time assertion with the
     same words (assert_in_graph)."""
-    if torch.compiler.is_compiling():
+    if asserts_in_graph(tensor):
         if tensor.numel():
             low, high = torch.aminmax(tensor)
             ok = torch.isfinite(low) & torch.isfinite(high)

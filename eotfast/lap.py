@@ -12,6 +12,7 @@ import torch
 
 from eotfast._validation import (
     assert_in_graph,
+    asserts_in_graph,
     check_finite_range,
     check_finite_values,
     check_iteration_limit,
@@ -613,7 +614,7 @@ def _solve_on_device(cost: torch.Tensor, maximize: bool, backend: str):
     cost = cost.detach().to(torch.float64)
     if maximize:
         cost = -cost
-    if torch.compiler.is_compiling():  # CPU tensors: scipy's refusal, at run time
+    if asserts_in_graph(cost):  # compiled on CPU tensors: scipy's refusal, at run time
         invalid = torch.isnan(cost) | (cost == -torch.inf)  # -inf: +inf with maximize
         assert_in_graph(~invalid.any(), "cost contains invalid numeric entries (NaN or -inf)")
     transposed = n > m

@@ -9,7 +9,12 @@ import math
 
 import torch
 
-from eotfast._validation import assert_in_graph, check_finite_values, values_checkable
+from eotfast._validation import (
+    assert_in_graph,
+    asserts_in_graph,
+    check_finite_values,
+    values_checkable,
+)
 from eotfast.ops.common import AuctionResult, SinkhornResult
 from eotfast.ops.registry import BACKENDS, backend_ops
 
@@ -43,7 +48,7 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, backend: str) -> torch.Tens
         center = (x.mean(dim=1, keepdim=True) + y.mean(dim=1, keepdim=True)) / 2  # [B, 1, d]
         centred_x, centred_y = x - center, y - center
     cost = backend_ops(backend).cost_matrix(centred_x, centred_y)  # [B, n, m]
-    if torch.compiler.is_compiling():  # the same checks, as run-time assertions (CPU tensors)
+    if asserts_in_graph(cost):  # compiled: the same checks, as run-time assertions
         if reads_nan:
             check_finite_values("x", x)
             check_finite_values("y", y)
