@@ -614,13 +614,14 @@ def _solve_on_device(cost: torch.Tensor, maximize: bool, backend: str):
     cost = cost.detach().to(torch.float64)
     if maximize:
         cost = -cost
-    if asserts_in_graph(cost):  # compiled on CPU tensors: scipy's refusal, at run time
-        invalid = torch.isnan(cost) | (cost == -torch.inf)  # -inf: +inf with maximize
-        assert_in_graph(~invalid.any(), "cost contains invalid numeric entries (NaN or -inf)")
     transposed = n > m
     if transposed:
         cost, n, m = cost.mT, m, n
-    row_min = cost.amin(dim=-1, keepdim=True)
+    row_min = cost.amin(dim=-1, keepdim=True)  # NaN where a row holds one
+    if asserts_in_graph(cost):  # compiled on CPU tensors: scipy's refusal, at run time
+        assert_in_graph(  # -inf: +inf with maximize; NaN compares False
+            row_min.amin() > -torch.inf, "cost contains invalid numeric entries (NaN or -inf)"
+        )
     # A row with no allowed pair (infeasible; not reported here): shifted by 0, all forbidden.
     row_min = torch.where(row_min < torch.inf, row_min, torch.zeros_like(row_min))
     shifted = cost - row_min

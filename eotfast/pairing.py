@@ -171,14 +171,15 @@ def pair(
         raise ValueError(f"method must be one of {PAIR_METHODS}, got {method!r}")
     if sampling is not None and sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
-    if generator is not None and torch.compiler.is_compiling():
-        # dynamo cannot trace a torch.Generator: its error would name neither pair nor it.
-        raise ValueError(
-            "generator must be None inside torch.compile, which cannot trace a "
-            "torch.Generator; the draw then takes torch's global generator (torch.manual_seed)"
-        )
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator)}")
+        if torch.compiler.is_compiling():
+            # dynamo cannot trace a torch.Generator: its error would name neither pair nor it.
+            raise ValueError(
+                "generator must be None inside torch.compile, which cannot trace a torch."
+                "Generator; the draw then takes torch's global generator (torch.manual_seed)"
+            )
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(
             f"group must be a torch.distributed.ProcessGroup (or None for the local batch), "
