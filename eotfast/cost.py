@@ -35,10 +35,10 @@ def cost_matrix(
         How many leading dimensions index independent problems (0: one problem). Shapes
         are never guessed: x [8, 256, 3072] is 8 samples of 256 * 3072 features unless
         ``batch_dims=1`` says it holds 8 problems of 256 samples.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
         "triton": the tiled kernel of ``eotfast.kernels.cost_matrix`` (CUDA, or CPU under
         ``TRITON_INTERPRET=1``); "cuda": the kernel of csrc/cuda; both return float32 and
-        leave float64 inputs to torch. "cpu" and "torch" use torch's GEMM (MKL, cuBLAS)
+        leave float64 inputs to torch. "cpu", "host" and "torch" use torch's GEMM (MKL, cuBLAS)
         (:func:`eotfast.ops.torch_backend.cost_matrix`).
         "auto": the fastest for the inputs' device.
 

@@ -93,11 +93,12 @@ def sinkhorn(
         and b e^(-g/rho). The cost is not shifted then (offset 0). None: balanced. Backends
         "cpu" and "torch" ("auto" picks among them); the GPU kernels solve balanced problems
         only and refuse it.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
         "cpu": the C++ kernels; "triton": the Triton kernels (CUDA tensors; CPU tensors only
         under ``TRITON_INTERPRET=1``); "cuda": the CUDA kernels of csrc/cuda (CUDA tensors);
-        "torch": the PyTorch reference (any device); "auto": the fastest available for cost's
-        device. "triton" and "cuda" solve in float32.
+        "torch": the PyTorch reference (any device), which "host" (devices without an eotfast
+        kernel: MPS, XPU) runs too; "auto": the fastest available for cost's device.
+        "triton" and "cuda" solve in float32.
 
     Returns
     -------

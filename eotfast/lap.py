@@ -258,10 +258,12 @@ def auction(
     max_bids : int, optional
         Cap on the bids per problem, >= 1; default 10_000 m. A problem that reaches it gets
         the free columns for its unassigned rows (always an injection) and epsilon = bound =
-        inf. With ``backend="torch"`` on a GPU, the reference runs exactly ``max_bids``
-        rounds (it cannot stop early without a host read): pass a cap near the need there.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
-        "cpu": the C++ kernel (one bidder at a time, problems over threads); "triton": the
+        inf. With ``backend="torch"`` off the CPU, the reference reads whether a problem is
+        left every 64 rounds only (a host sync each): a finished batch may run up to 63 more.
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
+        "cpu": the C++ kernel (one bidder at a time, problems over threads); "host": the same
+        kernel on a host copy of the cost, for devices without an eotfast kernel (MPS, XPU;
+        one round trip, the columns and prices come back to cost's device); "triton": the
         Triton kernel (one program per problem, all rows bid at once), "cuda" uses it too;
         "torch": the PyTorch reference (any device); "auto": the fastest for cost's device.
 
@@ -357,7 +359,7 @@ def assignment(cost: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     ----------
     cost : Tensor, shape (..., n, m) with n <= m
         Finite costs; leading dimensions index independent problems.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
         The auction's backend (:func:`eotfast.auction`); "auto": the fastest for cost's
         device.
 
@@ -420,7 +422,7 @@ def linear_sum_assignment(cost, maximize: bool = False, *, backend: str = "auto"
         problems, numpy arrays included (scipy takes 2-D only).
     maximize : bool
         Maximize the total instead (solved on ``-cost``; ``-inf`` then forbids a pair).
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
         The auction's backend (:func:`eotfast.auction`); array-likes are solved on the CPU
         ("auto": the C++ kernel).
 

@@ -31,8 +31,10 @@ def auto_method(backend: str, n: int, m: int) -> tuple[str, str | None]:
     "exact" (the auction) on "cpu", where the C++ auction costs less than the Sinkhorn
     iterations; Sinkhorn + "permutation" on the others, whose auctions bid in Jacobi rounds and
     need far fewer of them warm-started from the plan (measured per backend in bench/README.md,
-    "Which method auto picks"). n > m admits no distinct targets: partners are then drawn from
-    the Sinkhorn plan."""
+    "Which method auto picks"). "host" (devices without an eotfast kernel) runs the C++
+    auction too, but on a host copy: it keeps the Sinkhorn solve on the device and sends the
+    auction a warm start, as it has no measurement of its own that would favour a cold one.
+    n > m admits no distinct targets: partners are then drawn from the Sinkhorn plan."""
     if n > m:
         return "sinkhorn", "sample"
     if backend == "cpu":
@@ -115,7 +117,7 @@ def pair(
         its own (0: one problem). Shapes are never guessed: x [8, 256, 3072] is 8 samples of
         256 * 3072 features unless ``batch_dims=1`` says it holds 8 problems of 256 samples;
         shapes that only another ``batch_dims`` can read are an error that names it.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}
         Backend of the cost matrix, the Sinkhorn solve and the draw from the plan rows (see
         :func:`eotfast.sinkhorn` and eotfast.ops.registry).
     sampling : {"sample", "argmax", "permutation"}, optional

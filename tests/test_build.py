@@ -85,3 +85,20 @@ def test_auto_falls_back_to_the_torch_reference_on_other_devices():
 
     assert eotfast.available_backends("meta") == ["torch"]
     assert resolve_backend("auto", torch.device("meta")) == "torch"
+
+
+def test_auto_on_devices_without_a_kernel_is_the_host_auction_then_the_torch_reference():
+    # MPS, XPU, ...: "host" (torch ops on the device, the C++ auction on the host) when the
+    # C++ kernels are built, which this build test requires; it never serves CPU, CUDA or meta
+    # tensors, and asked for there, it says where it runs.
+    from eotfast.ops.registry import resolve_backend
+
+    for device in ("mps", "xpu"):
+        assert eotfast.available_backends(device) == ["host", "torch"]
+        assert resolve_backend("auto", torch.device(device)) == "host"
+        assert eotfast.available_backends(device, unbalanced=True) == ["host", "torch"]
+    for device in ("cpu", "cuda", "meta"):
+        assert "host" not in eotfast.available_backends(device)
+    x = torch.rand(5, 2)
+    with pytest.raises(ValueError, match="backend='host' is for tensors on devices without"):
+        eotfast.pair(x, x, method="exact", backend="host")

@@ -228,12 +228,49 @@ def test_auto_pairs_are_distinct_and_optimal_on_the_cpu(clustered_domains):
 
 
 def test_auto_without_the_cpu_kernels_is_sinkhorn_then_the_permutation(clustered_domains):
-    # The auction bids in Jacobi rounds everywhere but in the C++ kernel ("cpu"): there
-    # "auto" warm-starts it from Sinkhorn, as on a GPU ("triton", "cuda").
+    # The auction bids in Jacobi rounds everywhere but in the C++ kernel ("cpu", "host"):
+    # there "auto" warm-starts it from Sinkhorn, as on a GPU ("triton", "cuda").
     x, y = clustered_domains(n=48, d=300)
     expected = eotfast.pair(x, y, "sinkhorn", sampling="permutation", backend="torch")
     assert torch.equal(eotfast.pair(x, y, backend="torch"), expected)
     assert eotfast.pairing.auto_method("triton", 8, 8) == ("sinkhorn", "permutation")
+
+
+def test_host_backend_solves_the_auction_with_the_cpu_kernel(clustered_domains, monkeypatch):
+    # "host" serves devices without an eotfast kernel (MPS, XPU, none of them here): torch ops
+    # on the device, the C++ auction on host copies of the cost. CPU tensors stand in for such
+    # a device: the registry is told the CPU has no kernel, and the torch reference's auction
+    # must not run. Oracle: scipy's optimum.
+    from eotfast.ops import host_backend, registry, torch_backend
+
+    monkeypatch.setattr(registry, "_KERNEL_DEVICE_TYPES", ("cuda", "meta"))
+
+    def torch_auction(*args, **kwargs):
+        raise AssertionError("the torch reference's auction ran")
+
+    monkeypatch.setattr(torch_backend, "auction_reference", torch_auction)
+    solved_on = []
+
+    def auction_cpu(cost, *args):
+        solved_on.append(cost.device)
+        return torch.ops.eotfast.auction_cpu(cost, *args)
+
+    monkeypatch.setattr(host_backend, "auction_cpu", auction_cpu)
+    x, y = clustered_domains(n=96, d=300)
+    cost = eotfast.cost_matrix(x, y)
+    columns = eotfast.pair(x, y, method="exact", backend="host")
+    assert sorted(columns.tolist()) == list(range(96))
+    assert total(cost, columns) == pytest.approx(optimum(cost), rel=1e-6)
+    permutation = eotfast.pair(x, y, backend="host")  # auto: Sinkhorn, then the permutation
+    assert permutation.unique().numel() == 96
+    assert gap_closed(cost, permutation) > 0.95
+    # Compiled, the copies to the host and back are graph nodes: the same columns.
+    compiled = torch.compile(
+        lambda x, y: eotfast.pair(x, y, method="exact", backend="host"),
+        backend="aot_eager", fullgraph=True,
+    )  # fmt: skip
+    assert torch.equal(compiled(x, y), columns)
+    assert solved_on == [torch.device("cpu")] * 3
 
 
 def test_sampling_with_a_method_that_has_no_plan_is_an_error():

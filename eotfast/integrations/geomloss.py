@@ -28,8 +28,8 @@ geomloss is not a dependency of eotfast.
 Options that only steer GeomLoss's implementation are accepted and have no effect here:
 ``diameter`` (eotfast's annealing starts from the costs' exact range), ``truncate`` (for its
 multiscale backend) and ``backend`` "tensorized", "online" and "multiscale" (eotfast's
-fastest backend for the device runs; eotfast's names "torch", "cpu", "triton" and "cuda" pick
-one). ``scaling`` is GeomLoss's annealing ratio of blur per step: eotfast's epsilon then
+fastest backend for the device runs; eotfast's names "torch", "cpu", "host", "triton" and
+"cuda" pick one). ``scaling`` is GeomLoss's annealing ratio of blur per step: eotfast's epsilon then
 shrinks by scaling^2 per iteration, from the costs' range down to epsilon, and iterates there
 until ``tol``.
 """
@@ -77,8 +77,8 @@ class SamplesLoss(torch.nn.Module):
         Return the potentials (F, G) instead of the value: (B, N) and (B, M), B = 1 for a
         single measure, as GeomLoss's tensorized and online backends return them.
     backend : str
-        One of GeomLoss's backends (no effect) or of eotfast's ("torch", "cpu", "triton",
-        "cuda").
+        One of GeomLoss's backends (no effect) or of eotfast's ("torch", "cpu", "host",
+        "triton", "cuda").
     tol : float
         eotfast: largest marginal error of each solve (default 1e-3; see
         :func:`eotfast.sinkhorn_divergence`).

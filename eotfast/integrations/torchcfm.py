@@ -192,9 +192,9 @@ class OTPlanSampler:
         With ``on_device=True``: the generator of the "sample" draws, on the inputs' device
         (None: torch's default generator). The default mode draws from numpy's global
         generator, as torchcfm.
-    backend : {"auto", "torch", "cpu", "triton", "cuda"}, keyword-only
+    backend : {"auto", "torch", "cpu", "host", "triton", "cuda"}, keyword-only
         eotfast's backend for the cost matrix and, on the device, the solve. The default
-        mode solves on the host, where "triton" and "cuda" mean "auto".
+        mode solves on the host, where "host", "triton" and "cuda" mean "auto".
     relative_reg : bool, keyword-only
         True: ``reg`` is relative to std(cost), eotfast's convention (so that reg = 0.05
         means the same on image costs in the thousands as on unit-scale ones). False (the

@@ -101,6 +101,12 @@ def _load_torch():
     return torch_backend
 
 
+def _load_host():
+    from eotfast.ops import host_backend
+
+    return host_backend
+
+
 def _cpu_hint(device: torch.device) -> str:
     if device.type != "cpu":
         return f"backend='cpu' runs on CPU tensors, got tensors on {device}; use 'torch' or 'auto'"
@@ -114,6 +120,20 @@ def _cuda_hint(device: torch.device) -> str:
             "backend='cpu'"
         )
     return str(_CUDA_IMPORT_ERROR)
+
+
+# Devices whose tensors the host backend takes: those without an eotfast kernel. Meta tensors
+# hold no values to copy to the host, so the torch reference (shapes only) serves them.
+_KERNEL_DEVICE_TYPES = ("cpu", "cuda", "meta")
+
+
+def _host_hint(device: torch.device) -> str:
+    if device.type in _KERNEL_DEVICE_TYPES:
+        return (
+            f"backend='host' is for tensors on devices without an eotfast kernel (MPS, XPU, "
+            f"...), got tensors on {device}; use 'auto'"
+        )
+    return str(_C_IMPORT_ERROR)
 
 
 def _triton_hint(device: torch.device) -> str:
@@ -167,11 +187,25 @@ BACKENDS: dict[str, Backend] = {
             unbalanced=True,
         ),
         Backend(
+            name="host",
+            load=_load_host,
+            where="tensors on other devices (MPS, XPU, ...)",
+            summary="the `torch` ops on the device, except the auction: the C++ kernel of `cpu` "
+            "on host copies of the cost, one round trip (the torch reference's Jacobi rounds "
+            "took 16-128x its time on a CPU)",
+            rank={"*": 0},
+            runs_on=lambda device: (
+                device.type not in _KERNEL_DEVICE_TYPES and cpu_extension_available()
+            ),
+            hint=_host_hint,
+            unbalanced=True,
+        ),
+        Backend(
             name="torch",
             load=_load_torch,
             where="any device",
             summary="pure PyTorch reference, the oracle of the tests",
-            rank={"cuda": 2, "cpu": 1, "*": 0},  # the only one for MPS, XPU, ...
+            rank={"cuda": 2, "cpu": 1, "*": 1},  # MPS, XPU, ...: after host (no C++ build)
             runs_on=lambda device: True,
             hint=lambda device: "",
             unbalanced=True,
@@ -227,12 +261,12 @@ def backend_table() -> str:
     rows = ["| backend | runs on | what it is |", "| --- | --- | --- |"]
     rows += [f"| `{b.name}` | {b.where} | {b.summary} |" for b in BACKENDS.values()]
     orders = []
-    for device in ("cpu", "cuda"):
+    for device, label in (("cpu", "CPU tensors"), ("cuda", "CUDA tensors"), ("*", "others")):
         ranked = sorted(
             (b for b in BACKENDS.values() if device in b.rank), key=lambda b: b.rank[device]
         )
         names = ", ".join(f"`{b.name}`" for b in ranked)
-        orders.append(f"{device.upper()} tensors: {names}")
+        orders.append(f"{label}: {names}")
     rows.append(f"| `auto` | | the first that can run, in this order; {'; '.join(orders)} |")
     return "\n".join(rows)
 
