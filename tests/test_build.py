@@ -100,5 +100,14 @@ def test_auto_on_devices_without_a_kernel_is_the_host_auction_then_the_torch_ref
     for device in ("cpu", "cuda", "meta"):
         assert "host" not in eotfast.available_backends(device)
     x = torch.rand(5, 2)
-    with pytest.raises(ValueError, match="backend='host' is for tensors on devices without"):
+    with pytest.raises(ValueError, match="backend='host' is for tensors on devices without.*'cpu'"):
         eotfast.pair(x, x, method="exact", backend="host")
+
+
+def test_without_the_cpp_build_other_devices_get_the_torch_reference(monkeypatch):
+    from eotfast.ops import registry
+
+    monkeypatch.setattr(registry, "cpu_extension_available", lambda: False)
+    assert eotfast.available_backends("mps") == ["torch"]
+    with pytest.raises(ValueError, match="backend='host' runs the C.. auction of eotfast._C"):
+        registry.resolve_backend("host", torch.device("mps"))

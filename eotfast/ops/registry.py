@@ -128,12 +128,17 @@ _KERNEL_DEVICE_TYPES = ("cpu", "cuda", "meta")
 
 
 def _host_hint(device: torch.device) -> str:
+    instead = {"cpu": "'cpu' (the same C++ auction, no copy)", "cuda": "'triton', 'cuda'"}
     if device.type in _KERNEL_DEVICE_TYPES:
         return (
             f"backend='host' is for tensors on devices without an eotfast kernel (MPS, XPU, "
-            f"...), got tensors on {device}; use 'auto'"
+            f"...), got tensors on {device}; use {instead.get(device.type, repr('torch'))} or "
+            "'auto'"
         )
-    return str(_C_IMPORT_ERROR)
+    return (
+        f"backend='host' runs the C++ auction of eotfast._C, which failed to import "
+        f"({_C_IMPORT_ERROR}); use backend='torch'"
+    )
 
 
 def _triton_hint(device: torch.device) -> str:
