@@ -32,8 +32,8 @@ def auto_method(backend: str, n: int, m: int) -> tuple[str, str | None]:
     iterations; Sinkhorn + "permutation" on the others, whose auctions bid in Jacobi rounds and
     need far fewer of them warm-started from the plan (measured per backend in bench/README.md,
     "Which method auto picks"). "host" (devices without an eotfast kernel) runs the C++
-    auction too, but on a host copy: it keeps the Sinkhorn solve on the device and sends the
-    auction a warm start, as it has no measurement of its own that would favour a cold one.
+    auction, on a host copy, and keeps Sinkhorn + "permutation": the Sinkhorn solve stays on
+    the device and the host's phase starts warm (a cold "exact" there is unmeasured).
     n > m admits no distinct targets: partners are then drawn from the Sinkhorn plan."""
     if n > m:
         return "sinkhorn", "sample"

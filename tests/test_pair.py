@@ -228,8 +228,9 @@ def test_auto_pairs_are_distinct_and_optimal_on_the_cpu(clustered_domains):
 
 
 def test_auto_without_the_cpu_kernels_is_sinkhorn_then_the_permutation(clustered_domains):
-    # The auction bids in Jacobi rounds everywhere but in the C++ kernel ("cpu", "host"):
-    # there "auto" warm-starts it from Sinkhorn, as on a GPU ("triton", "cuda").
+    # The auction bids in Jacobi rounds everywhere but in the C++ kernel: off the "cpu"
+    # backend "auto" warm-starts it from Sinkhorn, as on a GPU ("triton", "cuda"); "host"
+    # too, whose Sinkhorn solve stays on the device.
     x, y = clustered_domains(n=48, d=300)
     expected = eotfast.pair(x, y, "sinkhorn", sampling="permutation", backend="torch")
     assert torch.equal(eotfast.pair(x, y, backend="torch"), expected)
